@@ -1,0 +1,161 @@
+"""Command line: argument parsing only; each subcommand calls one function of the package.
+
+The workflow's rules call these subcommands, and a user can run the same by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ClipsvdError
+
+log = logging.getLogger("clipsvd")
+
+
+def _setup_logging(log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _config(args):
+    from . import config
+
+    return config.load(args.config)
+
+
+def cmd_validate(args) -> None:
+    cfg = _config(args)
+    print(f"{args.config}: valid study '{cfg.study}' (config hash {cfg.fingerprint()})")
+
+
+def cmd_demo_data(args) -> None:
+    from .data.demo import generate_demo_dataset
+
+    dataset = _config(args).dataset(args.dataset)
+    if dataset.demo is None:
+        raise ClipsvdError(f"{args.config}: dataset '{args.dataset}' has no 'demo' section; only "
+                           "demo datasets are generated")
+    generate_demo_dataset(Path(args.out or dataset.root), dataset.demo)
+
+
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare_dataset
+    from .models import model_image_size
+
+    cfg = _config(args)
+    size = args.image_size or model_image_size(cfg.model.name, cfg.model.pretrained)
+    prepare_dataset(cfg.dataset(args.dataset), Path(args.out), size, threads=args.threads)
+
+
+def cmd_sample(args) -> None:
+    from .data.sampling import sample_split, write_split
+    from .data.store import PreparedStore
+
+    dataset = _config(args).dataset(args.dataset)
+    split = sample_split(PreparedStore.open(args.store), args.setting, args.shots, args.seed,
+                         dataset.sampling)
+    write_split(Path(args.out), split)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def cmd_adapt(args) -> None:
+    from .train import adapt
+
+    _set_threads(args.threads)
+    adapt(_config(args), args.dataset, Path(args.split), Path(args.store), Path(args.run_dir))
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate
+    from .tracking import mirror_run
+
+    _set_threads(args.threads)
+    cfg = _config(args)
+    run_dir = Path(args.run_dir)
+    evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store), run_dir)
+    split_shots, split_seed = run_dir.parent.name.removeprefix("shots"), run_dir.name.removeprefix("seed")
+    tags = {"study": cfg.study, "dataset": args.dataset, "method": args.method,
+            "setting": run_dir.parents[1].name, "shots": split_shots, "seed": split_seed,
+            "model": f"{cfg.model.name}:{cfg.model.pretrained or 'random'}",
+            "config_hash": cfg.fingerprint()}
+    extra = [Path(args.split)] + [p for p in run_dir.glob("*.log")]
+    mirror_run(run_dir, tags, cfg.tracking.uri, cfg.tracking.enabled, tuple(extra))
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    build_report([Path(p) for p in args.runs], Path(args.out_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipsvd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", required=True, help="the study config (YAML)")
+        p.add_argument("--log", help="also write the log to this file")
+        p.set_defaults(func=func)
+        return p
+
+    add("validate", cmd_validate, "check a study config and print its hash")
+    p = add("demo-data", cmd_demo_data, "generate the offline demo dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", help="where to write it (default: the dataset's root)")
+    p = add("prepare", cmd_prepare, "read a dataset through MONAI into a prepared store")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--image-size", type=int, help="default: the model's input size")
+    p = add("sample", cmd_sample, "draw a few-shot split file")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--setting", required=True, choices=["few_shot", "base_to_novel"])
+    p.add_argument("--shots", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p = add("adapt", cmd_adapt, "train CLIP-SVD on one split")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p = add("evaluate", cmd_evaluate, "evaluate a run on its test set and log it to MLflow")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--method", required=True, choices=["zero_shot", "clip_svd"])
+    p.add_argument("--split", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p = add("report", cmd_report, "tables and figures of a study's runs")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("runs", nargs="+", help="run folders")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log)
+    try:
+        args.func(args)
+    except ClipsvdError as exc:
+        message = f"clipsvd {args.command}: error: {exc}"
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.stream.write(message + "\n")
+                handler.flush()
+        print(message, file=sys.stderr)
+        return 2
+    return 0

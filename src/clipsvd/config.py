@@ -1,0 +1,258 @@
+"""The study configuration: YAML validated against config/schema.yaml, then typed objects.
+
+Every user error is a ConfigError with one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
+METHODS = ("zero_shot", "clip_svd")
+SETTINGS = ("few_shot", "base_to_novel")
+DEFAULT_EPOCHS = 50
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    intensity: str = "percentile"  # percentile | zscore | window | none
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: Any = None  # a named CT window (lung, abdomen, brain, bone) or [low, high] in HU
+    resize: str = "pad"  # pad | crop | stretch: how a non-square image reaches the square size
+    slices: str = "center"  # center | every_k | all: how a 3D volume becomes 2D samples
+    slice_step: int = 1
+    on_error: str = "stop"  # stop | skip: what an unreadable image does to preparation
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test when the source has none
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    insufficient: str = "error"  # error | replace | all: a class with fewer than K train images
+    nested: bool = False  # the K=1 support set inside the K=2 one, and so on
+    max_val_shots: int = 4  # validation support set: min(K, max_val_shots) per class
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    per_class: int = 40
+    image_size: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    format: str  # folder | csv
+    root: str
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    manifest: str | None = None  # csv: the manifest file, relative to root
+    demo: DemoConfig | None = None  # generated locally by `clipsvd demo-data`
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lr: float | None = None  # per-dataset override of the method's learning rate
+    epochs: int | None = None  # per-dataset override of the method's length
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny-clip"
+    pretrained: str | None = None
+    init_seed: int = 0  # random-weight architectures: the seed of their initialisation
+    logit_scale: Any = "model"  # "model" (the model's own, detached) or a fixed number
+
+
+@dataclass(frozen=True)
+class ClipSvdConfig:
+    encoders: tuple[str, ...] = ("vision", "text")
+    matrices: tuple[str, ...] = ("q", "k", "v", "out", "mlp")
+    layers: Any = "all"  # all | top4 | bottom4 | middle | top<N> | bottom<N> | [indices]
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int | None = 50
+    iterations_per_shot: int | None = None  # length as iterations × K instead of epochs
+    min_lr: float = 1e-6
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision, GPU only)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None  # None: sqlite under results/ (or MLFLOW_TRACKING_URI when set)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: str
+    datasets: tuple[DatasetConfig, ...]
+    methods: tuple[str, ...]
+    settings: tuple[str, ...]
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    model: ModelConfig
+    clip_svd: ClipSvdConfig
+    tracking: TrackingConfig
+    device: str = "auto"
+    eval_batch_size: int = 64
+
+    def dataset(self, name: str) -> DatasetConfig:
+        for dataset in self.datasets:
+            if dataset.name == name:
+                return dataset
+        raise ConfigError(f"dataset '{name}' is not in the study's datasets "
+                          f"({', '.join(d.name for d in self.datasets)})")
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved configuration, recorded with every run."""
+        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _build(cls, data: dict[str, Any]):
+    return cls(**{key: _tupled(value) for key, value in data.items()})
+
+
+def _load_schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _key_path(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def validate(raw: Any, source: str) -> dict[str, Any]:
+    """Validate against the JSON schema and fill its defaults; one line naming the key on error."""
+    import jsonschema
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the study config must be a mapping of keys to values")
+    schema = _load_schema()
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator = _with_defaults(validator_cls)(schema)
+    data = copy.deepcopy(raw)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = jsonschema.exceptions.best_match(errors)
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            prefix = _key_path(error) + "." if error.absolute_path else ""
+            raise ConfigError(f"{source}: key '{prefix}{unknown[0]}': unknown key; check its "
+                              "spelling against config/schema.yaml")
+        raise ConfigError(f"{source}: key '{_key_path(error)}': {_describe(error)}")
+    return data
+
+
+def _describe(error) -> str:
+    if error.validator == "enum":
+        return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    return error.message
+
+
+def _with_defaults(validator_cls):
+    """A validator that also writes the schema's defaults into the instance (as Snakemake does)."""
+    import jsonschema
+
+    validate_properties = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def _check_semantics(data: dict[str, Any], source: str) -> None:
+    names = [d["name"] for d in data["datasets"]]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: key 'datasets': dataset name '{duplicates[0]}' appears twice; "
+                          "give every dataset a unique name")
+    for i, dataset in enumerate(data["datasets"]):
+        if dataset["format"] == "csv" and not dataset.get("manifest"):
+            raise ConfigError(f"{source}: key 'datasets.{i}.manifest': format 'csv' needs the "
+                              "manifest file name (relative to root)")
+        demo_root = f"results/raw/{dataset['name']}"
+        if dataset.get("demo") and dataset["root"].rstrip("/") != demo_root:
+            raise ConfigError(f"{source}: key 'datasets.{i}.root': a demo dataset is generated at "
+                              f"{demo_root}; set root to that")
+        for j, template in enumerate(dataset["templates"]):
+            if template.count("{}") != 1:
+                raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
+                                  f"exactly one '{{}}' where the class name goes, got {template!r}")
+    svd = data["clip_svd"]
+    if svd.get("epochs") is not None and svd.get("iterations_per_shot") is not None:
+        raise ConfigError(f"{source}: key 'clip_svd': set either 'epochs' or "
+                          "'iterations_per_shot', not both")
+    if svd.get("epochs") is None and svd.get("iterations_per_shot") is None:
+        svd["epochs"] = DEFAULT_EPOCHS
+    low, high = svd["crop_scale"]
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{source}: key 'clip_svd.crop_scale': need 0 < low <= high <= 1, "
+                          f"got {svd['crop_scale']}")
+
+
+def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
+    data = validate(raw, source)
+    _check_semantics(data, source)
+    datasets = []
+    for d in data["datasets"]:
+        d = dict(d)
+        d["preprocessing"] = _build(PreprocessingConfig, d.get("preprocessing", {}))
+        d["split"] = _build(SplitConfig, d.get("split", {}))
+        d["sampling"] = _build(SamplingConfig, d.get("sampling", {}))
+        d["demo"] = _build(DemoConfig, d["demo"]) if d.get("demo") else None
+        datasets.append(_build(DatasetConfig, d))
+    return StudyConfig(
+        study=data["study"],
+        datasets=tuple(datasets),
+        methods=tuple(data["methods"]),
+        settings=tuple(data["settings"]),
+        shots=tuple(data["shots"]),
+        seeds=tuple(data["seeds"]),
+        model=_build(ModelConfig, data["model"]),
+        clip_svd=_build(ClipSvdConfig, data["clip_svd"]),
+        tracking=_build(TrackingConfig, data["tracking"]),
+        device=data["device"],
+        eval_batch_size=data["eval_batch_size"],
+    )
+
+
+def load(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
+    return from_dict(raw, str(path))

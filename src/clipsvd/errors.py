@@ -1,0 +1,21 @@
+"""Errors a user can cause and fix; the CLI prints them as one line (no traceback) and exits 2."""
+
+
+class ClipsvdError(Exception):
+    """A problem in the user's config, data, model choice or files."""
+
+
+class ConfigError(ClipsvdError):
+    """The study configuration is invalid; the message names the file and key."""
+
+
+class DataError(ClipsvdError):
+    """A dataset cannot be read or sampled as configured; the message names the file(s)."""
+
+
+class ModelError(ClipsvdError):
+    """A model or adapter cannot be loaded as asked; the message says how to provide it."""
+
+
+class TrainingError(ClipsvdError):
+    """Training cannot go on (for example a non-finite loss); the message suggests a fix."""

@@ -1,0 +1,112 @@
+"""Evaluate one run on its split's test set: per-sample predictions and metrics.
+
+The test set is evaluated once, at the end (no model selection on it).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from . import layout
+from .adapters.svd import SVDAdapter, SVDConfig
+from .config import StudyConfig
+from .data.store import PreparedStore
+from .devices import resolve_device
+from .io import atomic_path, read_json, write_json
+from .models import encode_class_prompts, encode_images, load_model
+from .train import logit_scale_value, normalizer, split_images
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(loaded, images: torch.Tensor, class_names: list[str], templates, scale: torch.Tensor,
+            device: torch.device, batch_size: int) -> torch.Tensor:
+    """Class probabilities for uint8 images (N,3,H,W) already at the model's size."""
+    normalize = normalizer(loaded)
+    text = encode_class_prompts(loaded, class_names, templates, device)
+    probs = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start:start + batch_size].float().div_(255)).to(device)
+        logits = scale * encode_images(loaded.model, batch) @ text.t()
+        probs.append(logits.float().softmax(dim=1).cpu())
+    return torch.cat(probs) if probs else torch.empty(0, len(class_names))
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    preds = probs.argmax(axis=1)
+    classes = np.arange(probs.shape[1])
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0)),
+        "n_test": int(len(labels)),
+    }
+
+
+def _prediction_table(store, split, key, labels, probs, class_names, group) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "sample_id": [str(i) for i in split[key]],
+        "group": group,
+        "label": labels.numpy(),
+        "class_name": [class_names[i] for i in labels.tolist()],
+        "prediction": probs.argmax(1).numpy(),
+    })
+    table["predicted_class"] = [class_names[i] for i in table["prediction"]]
+    for i, name in enumerate(class_names):
+        table[f"p_{name}"] = probs[:, i].numpy()
+    return table
+
+
+def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
+             run_dir: Path, adapter_path: Path | None = None) -> dict[str, Any]:
+    split = read_json(split_path)
+    dataset_cfg = cfg.dataset(dataset)
+    device = resolve_device(cfg.device)
+    store = PreparedStore.open(store_dir)
+    loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
+    if method == "clip_svd":
+        svd = cfg.clip_svd
+        adapter = SVDAdapter.attach(loaded.model, SVDConfig(
+            encoders=svd.encoders, matrices=svd.matrices, layers=svd.layers))
+        adapter.load(adapter_path or run_dir / layout.ADAPTER)
+    loaded.model.to(device).eval()
+    scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
+    started = time.perf_counter()
+
+    groups = [("test", split["classes"], "base" if split["setting"] == "base_to_novel" else "all")]
+    if split["setting"] == "base_to_novel":
+        groups.append(("test_novel", split["novel_classes"], "novel"))
+    metrics: dict[str, Any] = {}
+    tables = []
+    for key, class_names, group in groups:
+        images, labels = split_images(store, split, key)
+        probs = predict(loaded, images, class_names, dataset_cfg.templates, scale, device,
+                        cfg.eval_batch_size)
+        result = classification_metrics(labels.numpy(), probs.numpy())
+        if group == "all":
+            metrics.update(result)
+        else:
+            metrics.update({f"{group}_{k}": v for k, v in result.items()})
+        tables.append(_prediction_table(store, split, key, labels, probs, class_names, group))
+    if split["setting"] == "base_to_novel":
+        base, novel = metrics["base_accuracy"], metrics["novel_accuracy"]
+        metrics["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+        metrics["accuracy"] = metrics["harmonic_mean"]
+    metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
+    log.info("%s %s K=%s seed=%s: accuracy %.4f on %d test images", dataset, method,
+             split["shots"], split["seed"], metrics["accuracy"],
+             sum(len(t) for t in tables))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / layout.PREDICTIONS) as tmp:
+        pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+    write_json(run_dir / layout.METRICS, metrics)
+    return metrics

@@ -1,0 +1,183 @@
+"""MLflow mirror of the run folders under results/.
+
+Results on disk are the source of truth: a run folder is logged to MLflow from its files, so the
+same function serves a finished job and a later re-sync, and a tracking failure never fails the
+job. One experiment per study; a parent run per (dataset, method, setting) groups a child run per
+(shots, seed). Re-logging a run folder whose results are unchanged does nothing; a changed one
+marks the older MLflow run superseded (tag ``clipsvd.superseded=true``).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import layout
+from .io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+RUN_KEY = "clipsvd.run_key"
+CONTENT = "clipsvd.content_hash"
+SUPERSEDED = "clipsvd.superseded"
+GROUP_KEY = "clipsvd.group_key"
+
+
+def tracking_uri(configured: str | None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a sqlite store under results/."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return "sqlite:///" + str(Path(layout.MLFLOW_DB).resolve())
+
+
+@contextlib.contextmanager
+def _writer_lock() -> Iterator[None]:
+    """Serialise writers on this machine: sqlite allows one, and parent runs must not double."""
+    path = Path(layout.RESULTS) / ".mlflow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _experiment_id(client, study: str) -> str:
+    experiment = client.get_experiment_by_name(study)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    artifacts = Path(layout.MLFLOW_ARTIFACTS).resolve() / study
+    return client.create_experiment(study, artifact_location=artifacts.as_uri())
+
+
+def _parent_run(client, experiment_id: str, tags: dict[str, str]) -> str:
+    group = "/".join(tags[k] for k in ("dataset", "method", "setting"))
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_KEY}` = '{group}'",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=group.replace("/", " · "),
+                            tags={GROUP_KEY: group, **{k: tags[k] for k in
+                                  ("study", "dataset", "method", "setting", "model")}})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _history(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _content_hash(run_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (layout.METRICS, layout.ADAPTER):
+        path = run_dir / name
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
+                   extra_artifacts: tuple[Path, ...] = ()) -> str:
+    """Log one finished run folder to MLflow; returns the MLflow run id. Raises on failure."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    metrics = read_json(run_dir / layout.METRICS)
+    summary_path = run_dir / layout.TRAIN_SUMMARY
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    run_key = "/".join(tags[k] for k in ("study", "dataset", "method", "setting", "shots", "seed"))
+    content = _content_hash(run_dir)
+    with _writer_lock():
+        experiment_id = _experiment_id(client, tags["study"])
+        existing = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{RUN_KEY}` = '{run_key}' and tags.`{SUPERSEDED}` = 'false'")
+        for run in existing:
+            if run.data.tags.get(CONTENT) == content:
+                log.info("MLflow already holds this run (%s): nothing to log", run.info.run_id)
+                return run.info.run_id
+        for run in existing:
+            client.set_tag(run.info.run_id, SUPERSEDED, "true")
+            log.info("MLflow run %s marked superseded by the new results", run.info.run_id)
+        parent = _parent_run(client, experiment_id, tags)
+        name = f"{tags['method']} K={tags['shots']} seed={tags['seed']}"
+        run = client.create_run(experiment_id, run_name=name, tags={
+            **tags, RUN_KEY: run_key, CONTENT: content, SUPERSEDED: "false",
+            "mlflow.parentRunId": parent, "run_dir": str(run_dir)})
+        run_id = run.info.run_id
+        try:
+            params: dict[str, str] = {}
+            _flatten("", summary.get("config", {}), params)
+            for key in ("trainable_parameters", "trainable_fraction", "total_steps", "device"):
+                if key in summary:
+                    params[key] = str(summary[key])
+            timestamp = int(run.info.start_time)
+            history = [
+                Metric(f"train/{name}", row[name], timestamp, int(row["step"]))
+                for row in _history(run_dir / layout.TRAIN_HISTORY)
+                for name in row if name != "step"
+            ]
+            final = [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            for key in ("steps_per_second", "train_seconds", "peak_memory_mb"):
+                if key in summary:
+                    final.append(Metric(f"train/{key}", float(summary[key]), timestamp, 0))
+            param_list = [Param(k[:250], v[:6000]) for k, v in sorted(params.items())]
+            for start in range(0, max(len(history), 1), 900):
+                client.log_batch(run_id, metrics=history[start:start + 900],
+                                 params=param_list if start == 0 else [],
+                                 tags=[RunTag("config_hash", tags.get("config_hash", ""))])
+            client.log_batch(run_id, metrics=final)
+            for path in [*sorted(p for p in run_dir.iterdir() if p.is_file()
+                                 and not p.name.startswith(".")), *extra_artifacts]:
+                if path.name != layout.TRACKING_RECORD and path.exists():
+                    client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id, "FINISHED")
+        except Exception:
+            client.set_terminated(run_id, "FAILED")
+            client.set_tag(run_id, SUPERSEDED, "true")
+            raise
+    return run_id
+
+
+def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bool,
+               extra_artifacts: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Log a run folder, never failing the job: the outcome goes to the run's mlflow.json."""
+    record: dict[str, Any]
+    if not enabled:
+        record = {"status": "disabled"}
+    else:
+        resolved = tracking_uri(uri)
+        try:
+            run_id = log_run_folder(run_dir, tags, resolved, extra_artifacts)
+            record = {"status": "logged", "run_id": run_id, "tracking_uri": resolved}
+        except Exception as exc:  # noqa: BLE001 - tracking must never lose a finished result
+            log.warning("MLflow was skipped for %s (%s: %s); the results on disk are complete, "
+                        "`clipsvd sync` logs them later", run_dir, type(exc).__name__, exc)
+            record = {"status": "skipped", "tracking_uri": resolved,
+                      "reason": f"{type(exc).__name__}: {exc}"}
+    write_json(run_dir / layout.TRACKING_RECORD, record)
+    return record

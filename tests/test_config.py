@@ -1,0 +1,73 @@
+"""The study config: defaults, and one line naming the key for every mistake."""
+import pytest
+
+from clipsvd import config
+from clipsvd.errors import ConfigError
+
+MINIMAL = {"study": "s", "datasets": [{"name": "d", "format": "folder", "root": "data"}]}
+
+
+def with_(**changes):
+    raw = {**MINIMAL, **changes}
+    return raw
+
+
+def test_default_study_loads():
+    cfg = config.load("config/config.yaml")
+    assert cfg.study == "demo"
+    assert cfg.shots == (1, 2, 4) and cfg.seeds == (1, 2)
+    assert cfg.methods == ("zero_shot", "clip_svd")
+    assert cfg.datasets[0].demo is not None
+
+
+def test_defaults_are_filled():
+    cfg = config.from_dict(MINIMAL)
+    assert cfg.settings == ("few_shot",)
+    assert cfg.clip_svd.epochs == config.DEFAULT_EPOCHS
+    assert cfg.clip_svd.matrices == ("q", "k", "v", "out", "mlp")
+    assert cfg.datasets[0].preprocessing.intensity == "percentile"
+    assert cfg.model.name == "tiny-clip"
+
+
+def test_fingerprint_changes_with_content():
+    a = config.from_dict(MINIMAL)
+    b = config.from_dict(with_(shots=[1, 2]))
+    assert a.fingerprint() == config.from_dict(MINIMAL).fingerprint()
+    assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize("raw, key", [
+    (with_(shots=[-1]), "shots.0"),
+    (with_(shots=[0]), "shots.0"),
+    (with_(seeds=[]), "seeds"),
+    (with_(methods=["prompt_tuning"]), "methods.0"),
+    (with_(datasets=[{"name": "d", "format": "zip", "root": "r"}]), "datasets.0.format"),
+    (with_(datasets=[{"name": "d e", "format": "folder", "root": "r"}]), "datasets.0.name"),
+    (with_(datasets=[{"name": "d", "format": "folder", "root": "r"}] * 2), "datasets"),
+    (with_(datasets=[{"name": "d", "format": "csv", "root": "r"}]), "datasets.0.manifest"),
+    (with_(datasets=[{"name": "d", "format": "folder", "root": "r", "templates": ["no slot"]}]),
+     "datasets.0.templates.0"),
+    (with_(shotz=[1]), "shotz"),
+    (with_(clip_svd={"layers": "top"}), "clip_svd.layers"),
+    (with_(clip_svd={"epochs": 3, "iterations_per_shot": 100}), "clip_svd"),
+    (with_(clip_svd={"crop_scale": [0.9, 0.1]}), "clip_svd.crop_scale"),
+    (with_(model={"logit_scale": -1}), "model.logit_scale"),
+])
+def test_errors_name_the_key(raw, key):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(raw, "study.yaml")
+    message = str(info.value)
+    assert message.startswith("study.yaml: key ") and f"'{key}'" in message
+    assert "\n" not in message
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("study: x\ndatasets: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line"):
+        config.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")

@@ -1,0 +1,78 @@
+"""MLflow mirrors run folders: idempotent, superseding, and never failing a job."""
+import json
+
+import mlflow
+import pytest
+
+from clipsvd import layout, tracking
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def make_run(root, accuracy=0.5, seed=1):
+    run = root / layout.RUN.format(study="st", dataset="ds", method="clip_svd",
+                                   setting="few_shot", shots=2, seed=seed)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / layout.METRICS).write_text(json.dumps({"accuracy": accuracy, "n_test": 8}))
+    (run / layout.TRAIN_SUMMARY).write_text(json.dumps({
+        "config": {"clip_svd": {"lr": 0.01, "matrices": ["q", "v"]}}, "total_steps": 3,
+        "trainable_parameters": 42, "steps_per_second": 5.0}))
+    (run / layout.TRAIN_HISTORY).write_text("step,loss,accuracy,lr\n1,2.0,0.25,0.01\n2,1.5,0.5,0.005\n3,1.0,0.75,0.0\n")
+    return run
+
+
+def tags(seed=1):
+    return {"study": "st", "dataset": "ds", "method": "clip_svd", "setting": "few_shot",
+            "shots": "2", "seed": str(seed), "model": "tiny-clip:random", "config_hash": "abc"}
+
+
+def test_default_uri_is_sqlite_under_results(in_tmp):
+    assert tracking.tracking_uri(None) == f"sqlite:///{in_tmp / 'results' / 'mlflow.db'}"
+    assert tracking.tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_logs_params_history_metrics_artifacts_once(in_tmp):
+    run = make_run(in_tmp)
+    uri = tracking.tracking_uri(None)
+    record = tracking.mirror_run(run, tags(), None, True)
+    assert record["status"] == "logged"
+    client = mlflow.MlflowClient(uri)
+    logged = client.get_run(record["run_id"])
+    assert logged.data.params["clip_svd.lr"] == "0.01"
+    assert logged.data.params["clip_svd.matrices"] == '["q", "v"]'
+    assert logged.data.metrics["accuracy"] == 0.5
+    assert [m.step for m in client.get_metric_history(record["run_id"], "train/loss")] == [1, 2, 3]
+    assert logged.data.tags["mlflow.parentRunId"]
+    names = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {layout.METRICS, layout.TRAIN_HISTORY} <= names
+    # Logging the same folder again changes nothing.
+    again = tracking.mirror_run(run, tags(), None, True)
+    assert again["run_id"] == record["run_id"]
+    experiment = client.get_experiment_by_name("st")
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # parent + child
+    assert json.loads((run / layout.TRACKING_RECORD).read_text())["run_id"] == record["run_id"]
+
+
+def test_changed_results_supersede_the_older_run(in_tmp):
+    run = make_run(in_tmp, accuracy=0.5)
+    first = tracking.mirror_run(run, tags(), None, True)["run_id"]
+    make_run(in_tmp, accuracy=0.75)
+    second = tracking.mirror_run(run, tags(), None, True)["run_id"]
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    assert first != second
+    assert client.get_run(first).data.tags[tracking.SUPERSEDED] == "true"
+    assert client.get_run(second).data.tags[tracking.SUPERSEDED] == "false"
+
+
+def test_unreachable_backend_never_fails_the_job(in_tmp, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    run = make_run(in_tmp)
+    record = tracking.mirror_run(run, tags(), "http://127.0.0.1:9", True)
+    assert record["status"] == "skipped"
+    assert json.loads((run / layout.TRACKING_RECORD).read_text())["status"] == "skipped"

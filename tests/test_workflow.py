@@ -1,0 +1,102 @@
+"""The default study through snakemake, end to end, in a temporary directory."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(workdir, *args, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args],
+        capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    shutil.copytree(ROOT / "config", workdir / "config", symlinks=False)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_default_study_report_and_mlflow(study):
+    cfg = yaml.safe_load((study / "config" / "config.yaml").read_text())
+    report = study / "results" / "report" / cfg["study"]
+    table = pd.read_csv(report / "accuracy.csv")
+    expected = {("zero_shot", 0)} | {("clip_svd", k) for k in cfg["shots"]}
+    assert set(zip(table.method, table.shots)) == expected
+    assert (report / "accuracy_vs_shots.png").stat().st_size > 1000
+    # Every row equals the mean over the seeds' metrics files.
+    runs = study / "results" / "runs" / cfg["study"] / "demo_scans"
+    for row in table.itertuples():
+        seeds = [0] if row.method == "zero_shot" else cfg["seeds"]
+        accs = [json.loads((runs / row.method / "few_shot" / f"shots{row.shots}" / f"seed{s}" /
+                            "metrics.json").read_text())["accuracy"] for s in seeds]
+        assert row.mean == pytest.approx(sum(accs) / len(accs), abs=1e-6)
+        assert row.n_seeds == len(seeds)
+    # One MLflow child run per (shots, seed) of CLIP-SVD, one for zero-shot, one parent per method.
+    client = mlflow.MlflowClient(f"sqlite:///{study / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg["study"])
+    runs_logged = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs_logged if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == len(cfg["shots"]) * len(cfg["seeds"]) + 1
+    assert len(runs_logged) - len(children) == 2
+    svd = [r for r in children if r.data.tags["method"] == "clip_svd"]
+    assert {(r.data.tags["shots"], r.data.tags["seed"]) for r in svd} == {
+        (str(k), str(s)) for k in cfg["shots"] for s in cfg["seeds"]}
+    assert all("accuracy" in r.data.metrics for r in children)
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(study):
+    result = snakemake(study, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_lists_the_rules(study):
+    result = snakemake(study, "-n", "--forceall")
+    out = result.stdout + result.stderr
+    for rule in ("demo_data", "prepare", "sample", "adapt", "evaluate", "report"):
+        assert f"rule {rule}:" in out or f"\n{rule} " in out
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    cfg_path = tmp_path / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["shots"] = [-1]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, check=False)
+    assert result.returncode != 0
+    assert "key 'shots.0': -1 is less than the minimum of 1" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    result = subprocess.run([SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--lint"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert "Congratulations" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    snakefmt = str(Path(sys.executable).with_name("snakefmt"))
+    files = [str(ROOT / "Snakefile"), str(ROOT / "workflow")]
+    result = subprocess.run([snakefmt, "--check", *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

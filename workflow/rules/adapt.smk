@@ -1,0 +1,63 @@
+# Adaptation (GPU when there is one) and evaluation of every run of the study.
+
+
+rule adapt:
+    input:
+        split=layout.SPLIT,
+        store=store_files,
+    output:
+        adapter=f"{layout.RUN}/{layout.ADAPTER}",
+        history=f"{layout.RUN}/{layout.TRAIN_HISTORY}",
+        summary=f"{layout.RUN}/{layout.TRAIN_SUMMARY}",
+    log:
+        f"{layout.RUN}/adapt.log",
+    benchmark:
+        f"{layout.RUN}/adapt.benchmark.tsv"
+    wildcard_constraints:
+        method="clip_svd",
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        cli=CLIPSVD,
+        config=CONFIG_FILE,
+        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        run_dir=lambda w, output: str(Path(output.adapter).parent),
+        training=training_hash,
+    shell:
+        "{params.cli} adapt --config {params.config:q} --dataset {wildcards.dataset} "
+        "--split {input.split:q} --store {params.store:q} --run-dir {params.run_dir:q} "
+        "--threads {threads} --log {log:q}"
+
+
+rule evaluate:
+    input:
+        unpack(evaluation_inputs),
+    output:
+        metrics=f"{layout.RUN}/{layout.METRICS}",
+        predictions=f"{layout.RUN}/{layout.PREDICTIONS}",
+        tracking=f"{layout.RUN}/{layout.TRACKING_RECORD}",
+    log:
+        f"{layout.RUN}/evaluate.log",
+    benchmark:
+        f"{layout.RUN}/evaluate.benchmark.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        cli=CLIPSVD,
+        config=CONFIG_FILE,
+        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        run_dir=lambda w, output: str(Path(output.metrics).parent),
+        evaluation=evaluation_hash,
+    shell:
+        "{params.cli} evaluate --config {params.config:q} --dataset {wildcards.dataset} "
+        "--method {wildcards.method} --split {input.split:q} --store {params.store:q} "
+        "--run-dir {params.run_dir:q} --threads {threads} --log {log:q}"
