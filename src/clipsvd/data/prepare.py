@@ -1,0 +1,459 @@
+"""Turn a dataset source into the prepared store: model-ready uint8 images plus their index.
+
+The image chain is a declared list of MONAI dictionary transforms (reader per file type, channel
+first, intensity scaling, resize with aspect handling); everything it did is written to
+provenance.json so a prepared store can be traced back to its inputs and parameters.
+The output directory appears only when complete (io.atomic_dir).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from ..config import DatasetConfig, PreprocessingConfig, SplitConfig
+from ..errors import DataError
+from ..io import atomic_dir, write_json
+from ..seeding import numpy_rng
+from .sources import SPLITS, classes_of, read_source, relative_id
+
+log = logging.getLogger(__name__)
+
+# Named CT windows as (lowest, highest) Hounsfield unit shown; level ± width/2.
+CT_WINDOWS = {"lung": (-1350.0, 150.0), "abdomen": (-160.0, 240.0), "brain": (0.0, 80.0),
+              "bone": (-450.0, 1050.0)}
+ZSCORE_RANGE = (-3.0, 3.0)  # z-scores shown: ±3 standard deviations map to 0..255
+IMAGE_KEY = "image"
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def resolve_window(window: Any) -> tuple[float, float]:
+    """A named CT window or an explicit [low, high] in HU, as two floats."""
+    if isinstance(window, str):
+        if window.lower() not in CT_WINDOWS:
+            raise DataError(f"preprocessing.window: unknown window {window!r}; use one of "
+                            f"{', '.join(CT_WINDOWS)} or [low, high] in HU")
+        return CT_WINDOWS[window.lower()]
+    try:
+        low, high = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise DataError(f"preprocessing.window: expected a window name or [low, high], got "
+                        f"{window!r}; set it, or choose another preprocessing.intensity") from None
+    if not low < high:
+        raise DataError(f"preprocessing.window: need low < high, got [{low}, {high}]")
+    return low, high
+
+
+def reader_kind(path: str) -> str:
+    """Which MONAI reader a file needs: by suffix, else by the DICOM magic bytes."""
+    name = path.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".dcm", ".dicom")):
+        return "dicom"
+    if name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        return "pil"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            if handle.read(4) == b"DICM":
+                return "dicom"
+    except OSError:
+        pass
+    return "pil"
+
+
+class _CenterSquareCropd:
+    """Centre crop to the shorter side, so a following square resize keeps the aspect ratio."""
+
+    def __call__(self, data: dict) -> dict:
+        from monai.transforms import CenterSpatialCrop
+
+        image = data[IMAGE_KEY]
+        side = min(image.shape[1:])
+        return {**data, IMAGE_KEY: CenterSpatialCrop(roi_size=(side, side))(image)}
+
+
+@dataclass
+class Pipeline:
+    """The MONAI chain for one preprocessing config, and its description for provenance."""
+
+    loaders: dict[str, Callable]
+    transform: Callable
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    slices: str = "center"
+    slice_step: int = 1
+
+    def load(self, path: str) -> np.ndarray:
+        """Read one file as a float32 array (C, X, Y) or (C, X, Y, Z)."""
+        from monai.utils import convert_to_numpy
+
+        data = self.loaders[reader_kind(path)]({IMAGE_KEY: path})
+        array = convert_to_numpy(data[IMAGE_KEY]).astype(np.float32, copy=False)
+        if array.ndim == 4 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (3, 4):
+            raise ValueError(f"expected a 2D image or 3D volume, got array shape {array.shape}")
+        return array
+
+    def slice_indices(self, depth: int) -> list[int]:
+        if self.slices == "center":
+            return [depth // 2]
+        if self.slices == "every_k":
+            return list(range(0, depth, max(1, self.slice_step)))
+        return list(range(depth))
+
+    def finish(self, image: np.ndarray) -> np.ndarray:
+        """Scale and resize one 2D (C, X, Y) image, then 3 channels, uint8, (3, rows, cols)."""
+        from monai.utils import convert_to_numpy
+
+        out = convert_to_numpy(self.transform({IMAGE_KEY: image})[IMAGE_KEY])
+        if out.shape[0] == 1:
+            out = np.repeat(out, 3, axis=0)
+        elif out.shape[0] == 2:  # grey + alpha
+            out = np.repeat(out[:1], 3, axis=0)
+        elif out.shape[0] > 3:  # RGBA and the like: drop the extra channels
+            out = out[:3]
+        out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+        # MONAI readers index (x, y); store (row, column) so images look as in a viewer.
+        return np.ascontiguousarray(out.transpose(0, 2, 1))
+
+
+def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
+    """Compose the MONAI transforms for ``pre``; each step is recorded with its parameters."""
+    from monai.data import NibabelReader, PILReader, PydicomReader
+    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd,
+                                  Resized, ResizeWithPadOrCropd, ScaleIntensityRanged,
+                                  ScaleIntensityRangePercentilesd)
+
+    steps: list[dict[str, Any]] = []
+
+    def step(transform, name: str, **params):
+        steps.append({"transform": name, "params": params})
+        return transform
+
+    readers = {"pil": (PILReader, {"reverse_indexing": True}),
+               "dicom": (PydicomReader, {"swap_ij": True}),  # applies RescaleSlope/Intercept
+               "nifti": (NibabelReader, {})}
+    loaders = {}
+    for kind, (reader_cls, kwargs) in readers.items():
+        loaders[kind] = Compose([
+            LoadImaged(IMAGE_KEY, reader=reader_cls(**kwargs), image_only=True, dtype=np.float32),
+            EnsureChannelFirstd(IMAGE_KEY),
+        ])
+    steps.append({"transform": "LoadImaged", "params": {
+        "readers": {kind: {"reader": cls.__name__, **kwargs}
+                    for kind, (cls, kwargs) in readers.items()},
+        "dtype": "float32"}})
+    steps.append({"transform": "EnsureChannelFirstd", "params": {}})
+    steps.append({"transform": "slice", "params": {
+        "policy": pre.slices, "slice_step": pre.slice_step, "axis": "last spatial axis",
+        "applies_to": "3D volumes"}})
+
+    chain: list[Callable] = []
+    if pre.intensity == "percentile":
+        low, high = (float(p) for p in pre.percentiles)
+        chain.append(step(ScaleIntensityRangePercentilesd(IMAGE_KEY, lower=low, upper=high,
+                                                          b_min=0.0, b_max=1.0, clip=True),
+                          "ScaleIntensityRangePercentilesd", lower=low, upper=high,
+                          b_min=0.0, b_max=1.0, clip=True))
+    elif pre.intensity == "window":
+        low, high = resolve_window(pre.window)
+        chain.append(step(ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0,
+                                               b_max=1.0, clip=True),
+                          "ScaleIntensityRanged", a_min=low, a_max=high, b_min=0.0, b_max=1.0,
+                          clip=True, window=pre.window))
+    elif pre.intensity == "zscore":
+        chain.append(step(NormalizeIntensityd(IMAGE_KEY), "NormalizeIntensityd"))
+        low, high = ZSCORE_RANGE
+        chain.append(step(ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0,
+                                               b_max=1.0, clip=True),
+                          "ScaleIntensityRanged", a_min=low, a_max=high, b_min=0.0, b_max=1.0,
+                          clip=True))
+    elif pre.intensity == "none":
+        chain.append(step(ScaleIntensityRanged(IMAGE_KEY, a_min=0.0, a_max=255.0, b_min=0.0,
+                                               b_max=1.0, clip=True),
+                          "ScaleIntensityRanged", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0,
+                          clip=True, note="raw values, expected 8-bit"))
+    else:
+        raise DataError(f"preprocessing.intensity: unknown value {pre.intensity!r}; use "
+                        "percentile, window, zscore or none")
+
+    size = int(image_size)
+    resize_args = {"mode": "bilinear", "anti_aliasing": True}
+    if pre.resize == "pad":
+        chain.append(step(Resized(IMAGE_KEY, spatial_size=size, size_mode="longest", **resize_args),
+                          "Resized", spatial_size=size, size_mode="longest", **resize_args))
+        chain.append(step(ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=(size, size)),
+                          "ResizeWithPadOrCropd", spatial_size=[size, size], mode="constant",
+                          value=0))
+    elif pre.resize == "crop":
+        chain.append(step(_CenterSquareCropd(), "CenterSpatialCropd",
+                          roi_size="shorter side, square"))
+        chain.append(step(Resized(IMAGE_KEY, spatial_size=(size, size), **resize_args),
+                          "Resized", spatial_size=[size, size], **resize_args))
+    elif pre.resize == "stretch":
+        chain.append(step(Resized(IMAGE_KEY, spatial_size=(size, size), **resize_args),
+                          "Resized", spatial_size=[size, size], **resize_args))
+    else:
+        raise DataError(f"preprocessing.resize: unknown value {pre.resize!r}; use pad, crop or "
+                        "stretch")
+    if pre.slices not in ("center", "every_k", "all"):
+        raise DataError(f"preprocessing.slices: unknown value {pre.slices!r}; use center, "
+                        "every_k or all")
+    steps.append({"transform": "to_uint8_rgb", "params": {
+        "channels": "grey repeated to 3; alpha dropped", "scale": 255, "rounding": "nearest",
+        "layout": "(3, rows, columns)"}})
+    return Pipeline(loaders=loaders, transform=Compose(chain), steps=steps,
+                    slices=pre.slices, slice_step=pre.slice_step)
+
+
+@contextmanager
+def quiet_monai() -> Iterator[None]:
+    """Silence MONAI notices that are noise here; entered once, from the calling thread.
+
+    LoadImaged registers MONAI's optional readers too, and the GPU DICOM decoder announces it
+    is not installed; a constant image warns about a zero intensity range (it maps to 0).
+    """
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            warnings.filterwarnings("ignore", message=".*[Dd]ivide by zero.*")
+            yield
+    finally:
+        plugin_log.setLevel(level)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def assign_splits(table: pd.DataFrame, split: SplitConfig) -> pd.Series:
+    """A stratified, grouped train/val/test split: every group lies in exactly one split.
+
+    Groups are stratified by their most frequent label; within a class they are visited in a
+    seeded random order and each goes to the split furthest below its target image count,
+    relative to that target (so with three groups or more every split gets one).
+    """
+    fractions = np.asarray(split.fractions, dtype=float)
+    if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
+        raise DataError(f"split.fractions: need three non-negative numbers (train, val, test), "
+                        f"got {list(split.fractions)}")
+    fractions = fractions / fractions.sum()
+    rng = numpy_rng(split.seed)
+    sizes = table.groupby("group", sort=True).size()
+    majority = (table.groupby(["group", "label"], sort=True).size().reset_index(name="n")
+                .sort_values(["group", "n", "label"], ascending=[True, False, True])
+                .drop_duplicates("group").set_index("group")["label"])
+    assignment: dict[str, str] = {}
+    for label in sorted(majority.unique()):
+        groups = sorted(majority.index[majority == label])
+        order = rng.permutation(len(groups))
+        total = float(sizes[groups].sum())
+        filled = np.zeros(3)
+        for position in order:
+            group = groups[position]
+            target = fractions * total
+            deficit = np.where(fractions > 0, (target - filled) / np.maximum(target, 1e-9),
+                               -np.inf)
+            choice = int(np.argmax(deficit))
+            assignment[group] = SPLITS[choice]
+            filled[choice] += sizes[group]
+    return table["group"].map(assignment)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class _NpyStream:
+    """Write an .npy array row by row, so N need not be known (or held in memory) in advance.
+
+    The header is reserved at a fixed 128 bytes and filled in on close (format version 1.0).
+    """
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...]):
+        self.path = path
+        self.row_shape = row_shape
+        self.count = 0
+        self.handle = open(path, "wb")
+        self.handle.write(b"\0" * self.HEADER_BYTES)
+
+    def append(self, row: np.ndarray) -> None:
+        assert row.shape == self.row_shape and row.dtype == np.uint8
+        self.handle.write(np.ascontiguousarray(row).tobytes())
+        self.count += 1
+
+    def close(self) -> None:
+        shape = (self.count, *self.row_shape)
+        text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"
+        body_len = self.HEADER_BYTES - 10
+        header = text.ljust(body_len - 1).encode("latin1") + b"\n"
+        if len(header) != body_len:
+            raise AssertionError("npy header too long")
+        self.handle.seek(0)
+        self.handle.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + header)
+        self.handle.close()
+
+
+def _fingerprint(path: str) -> dict[str, Any]:
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("monai", "numpy", "torch", "pandas", "pydicom", "nibabel", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _one_line(exc: BaseException) -> str:
+    """The most specific line of an exception (MONAI wraps reader errors in long messages)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def prepare_dataset(dataset: DatasetConfig, out_dir: Path, image_size: int,
+                    threads: int = 1) -> None:
+    """Read, preprocess and store every image of ``dataset`` under ``out_dir`` (atomically)."""
+    with quiet_monai():
+        _prepare(dataset, Path(out_dir), image_size, threads)
+
+
+def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: int) -> None:
+    pre = dataset.preprocessing
+    if pre.on_error not in ("stop", "skip"):
+        raise DataError(f"preprocessing.on_error: unknown value {pre.on_error!r}; use stop or skip")
+    table = read_source(dataset)
+    classes = classes_of(table)
+    root = Path(dataset.root).expanduser().resolve()
+    if (table["split"] == "").all():
+        table["split"] = assign_splits(table, dataset.split).to_numpy()
+        split_origin = {"assigned": True, "fractions": list(dataset.split.fractions),
+                        "seed": dataset.split.seed, "method": "stratified by label, grouped"}
+    else:
+        split_origin = {"assigned": False, "from": "source"}
+        crossing = table.groupby("group")["split"].nunique()
+        if (crossing > 1).any():
+            log.warning("%d group(s) of dataset '%s' appear in more than one split of the source "
+                        "(e.g. %s)", int((crossing > 1).sum()), dataset.name,
+                        crossing.index[crossing > 1][0])
+    pipeline = build_pipeline(pre, image_size)  # also validates the settings up front
+    per_thread = threading.local()  # MONAI readers keep per-read state: one chain per thread
+    records = table.to_dict("records")
+    extra_columns = [c for c in table.columns if c not in ("source_path", "label", "class_name",
+                                                           "split", "group")]
+
+    def work(record: dict) -> tuple[list[tuple[int | None, np.ndarray]], str | None]:
+        if not hasattr(per_thread, "pipeline"):
+            per_thread.pipeline = build_pipeline(pre, image_size)
+        chain = per_thread.pipeline
+        try:
+            volume = chain.load(record["source_path"])
+        except Exception as exc:  # any reader failure means the file is unusable as given
+            return [], _one_line(exc)
+        if volume.ndim == 3:
+            return [(None, chain.finish(volume))], None
+        indices = chain.slice_indices(volume.shape[-1])
+        return [(z, chain.finish(volume[..., z])) for z in indices], None
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    total = len(records)
+    start = time.monotonic()
+    last_log = start
+    with atomic_dir(out_dir) as tmp:
+        stream = _NpyStream(tmp / "images.npy", (3, int(image_size), int(image_size)))
+        try:
+            with ThreadPool(max(1, int(threads))) as pool:
+                for done, (record, (images, error)) in enumerate(
+                        zip(records, pool.imap(work, records)), start=1):
+                    if error is not None:
+                        if pre.on_error == "stop":
+                            raise DataError(f"{record['source_path']}: cannot read the image "
+                                            f"({error}); fix or remove the file, or set "
+                                            "preprocessing.on_error: skip")
+                        log.warning("skipping unreadable %s (%s)", record["source_path"], error)
+                        skipped.append({"source_path": record["source_path"], "error": error})
+                    base_id = relative_id(record["source_path"], root)
+                    for z, image in images:
+                        stream.append(image)
+                        rows.append({
+                            "sample_id": base_id if z is None else f"{base_id}#z{z:03d}",
+                            "source_path": record["source_path"], "label": record["label"],
+                            "class_name": record["class_name"], "split": record["split"],
+                            "group": record["group"], "slice": "" if z is None else z,
+                            **{c: record[c] for c in extra_columns}})
+                    now = time.monotonic()
+                    if now - last_log >= 10 or done == total:
+                        rate = done / max(now - start, 1e-9)
+                        log.info("prepared %d/%d files (%.1f files/s, ETA %s)", done, total,
+                                 rate, _format_eta((total - done) / max(rate, 1e-9)))
+                        last_log = now
+        finally:
+            stream.close()
+        if not rows:
+            raise DataError(f"{root}: none of the {total} images of dataset '{dataset.name}' "
+                            "could be read; check the files and preprocessing settings")
+        elapsed = time.monotonic() - start
+        index = pd.DataFrame(rows)
+        duplicated = index["sample_id"][index["sample_id"].duplicated()]
+        if len(duplicated):
+            raise DataError(f"{root}: sample {duplicated.iloc[0]!r} is listed twice; remove "
+                            "duplicate rows from the manifest")
+        index.to_csv(tmp / "index.csv", index=False, encoding="utf-8", lineterminator="\n")
+        write_json(tmp / "classes.json", {"classes": classes})
+        fingerprints = {relative_id(r["source_path"], root): _fingerprint(r["source_path"])
+                        for r in records}
+        digest = hashlib.sha256(repr(sorted(fingerprints.items())).encode()).hexdigest()
+        write_json(tmp / "provenance.json", {
+            "dataset": dataset.name,
+            "source": {"format": dataset.format, "root": str(root), "manifest": dataset.manifest},
+            "image_size": int(image_size),
+            "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
+                              for k, v in vars(pre).items()},
+            "transforms": pipeline.steps,
+            "split": split_origin,
+            "n_files": total,
+            "n_images": len(rows),
+            "n_classes": len(classes),
+            "images_per_split": {s: int((index["split"] == s).sum()) for s in SPLITS},
+            "skipped": skipped,
+            "threads": int(threads),
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(len(rows) / max(elapsed, 1e-9), 2),
+            "inputs": {"fingerprint": digest, "method": "size and mtime_ns per file",
+                       "files": fingerprints},
+            "versions": _versions(),
+        })
+    log.info("prepared %d images of %d classes from %d files in %.1f s (%.1f images/s)%s -> %s",
+             len(rows), len(classes), total, elapsed, len(rows) / max(elapsed, 1e-9),
+             f", {len(skipped)} skipped" if skipped else "", out_dir)
