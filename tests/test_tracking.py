@@ -52,7 +52,7 @@ def test_logs_params_history_metrics_artifacts_once(in_tmp):
     assert {layout.METRICS, layout.TRAIN_HISTORY} <= names
     # Logging the same folder again changes nothing.
     again = tracking.mirror_run(run, tags(), None, True)
-    assert again["run_id"] == record["run_id"]
+    assert again["run_id"] == record["run_id"] and again["status"] == "present"
     experiment = client.get_experiment_by_name("st")
     assert len(client.search_runs([experiment.experiment_id])) == 2  # parent + child
     assert json.loads((run / layout.TRACKING_RECORD).read_text())["run_id"] == record["run_id"]

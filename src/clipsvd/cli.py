@@ -83,14 +83,16 @@ def cmd_evaluate(args) -> None:
     _set_threads(args.threads)
     cfg = _config(args)
     run_dir = Path(args.run_dir)
-    evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store), run_dir)
-    split_shots, split_seed = run_dir.parent.name.removeprefix("shots"), run_dir.name.removeprefix("seed")
-    tags = {"study": cfg.study, "dataset": args.dataset, "method": args.method,
-            "setting": run_dir.parents[1].name, "shots": split_shots, "seed": split_seed,
-            "model": f"{cfg.model.name}:{cfg.model.pretrained or 'random'}",
-            "config_hash": cfg.fingerprint()}
-    extra = [Path(args.split)] + [p for p in run_dir.glob("*.log")]
-    mirror_run(run_dir, tags, cfg.tracking.uri, cfg.tracking.enabled, tuple(extra))
+    record = evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store), run_dir)
+    extra = (Path(args.split), *sorted(run_dir.glob("*.log")))
+    mirror_run(run_dir, record["tags"], cfg.tracking.uri, cfg.tracking.enabled, extra)
+
+
+def cmd_sync(args) -> None:
+    from .tracking import sync
+
+    cfg = _config(args)
+    sync(cfg.study, cfg.tracking.uri)
 
 
 def cmd_report(args) -> None:
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
+    add("sync", cmd_sync, "log every run folder of the study that MLflow lacks")
     p = add("report", cmd_report, "tables and figures of a study's runs")
     p.add_argument("--out-dir", required=True)
     p.add_argument("runs", nargs="+", help="run folders")

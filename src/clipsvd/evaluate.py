@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
 from . import layout
 from .adapters.svd import SVDAdapter, SVDConfig
 from .config import StudyConfig
 from .data.store import PreparedStore
 from .devices import resolve_device
 from .io import atomic_path, read_json, write_json
+from .metrics import classification_metrics
 from .models import encode_class_prompts, encode_images, load_model
+from .provenance import file_sha256, git_state, package_versions
 from .train import logit_scale_value, normalizer, split_images
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,6 @@ def predict(loaded, images: torch.Tensor, class_names: list[str], templates, sca
         logits = scale * encode_images(loaded.model, batch) @ text.t()
         probs.append(logits.float().softmax(dim=1).cpu())
     return torch.cat(probs) if probs else torch.empty(0, len(class_names))
-
-
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    preds = probs.argmax(axis=1)
-    classes = np.arange(probs.shape[1])
-    return {
-        "accuracy": float(accuracy_score(labels, preds)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
-        "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0)),
-        "n_test": int(len(labels)),
-    }
 
 
 def _prediction_table(store, split, key, labels, probs, class_names, group) -> pd.DataFrame:
@@ -90,7 +79,7 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
         images, labels = split_images(store, split, key)
         probs = predict(loaded, images, class_names, dataset_cfg.templates, scale, device,
                         cfg.eval_batch_size)
-        result = classification_metrics(labels.numpy(), probs.numpy())
+        result = classification_metrics(labels.numpy(), probs.numpy(), list(class_names))
         if group == "all":
             metrics.update(result)
         else:
@@ -105,8 +94,26 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
              split["shots"], split["seed"], metrics["accuracy"],
              sum(len(t) for t in tables))
 
+    record = run_record(cfg, dataset, method, split, split_path, str(device), loaded.fingerprint)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / layout.PREDICTIONS) as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+    write_json(run_dir / layout.RUN_RECORD, record)
     write_json(run_dir / layout.METRICS, metrics)
-    return metrics
+    return record
+
+
+def run_record(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any],
+               split_path: Path, device: str, model_fingerprint: str) -> dict[str, Any]:
+    """The run's identity (MLflow tags) and provenance, so results/ can rebuild MLflow alone."""
+    tags = {"study": cfg.study, "dataset": dataset, "method": method,
+            "setting": split["setting"], "shots": str(split["shots"]), "seed": str(split["seed"]),
+            "model": f"{cfg.model.name}:{cfg.model.pretrained or 'random'}",
+            "config_hash": cfg.fingerprint()}
+    git = git_state()
+    if git:
+        tags["git_commit"] = str(git["git_commit"])
+    provenance = {**git, "packages": package_versions(), "config_hash": cfg.fingerprint(),
+                  "model_fingerprint": model_fingerprint, "split_sha256": file_sha256(split_path),
+                  "device": device}
+    return {"tags": tags, "provenance": provenance}

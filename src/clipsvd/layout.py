@@ -23,6 +23,7 @@ TRAIN_HISTORY = "train_history.csv"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 TRACKING_RECORD = "mlflow.json"
+RUN_RECORD = "run.json"  # identity (MLflow tags) and provenance of the run
 
 # Files of the report folder.
 REPORT_TABLE = "accuracy.csv"

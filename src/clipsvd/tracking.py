@@ -99,8 +99,8 @@ def _content_hash(run_dir: Path) -> str:
 
 
 def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
-                   extra_artifacts: tuple[Path, ...] = ()) -> str:
-    """Log one finished run folder to MLflow; returns the MLflow run id. Raises on failure."""
+                   extra_artifacts: tuple[Path, ...] = ()) -> tuple[str, bool]:
+    """Log one finished run folder to MLflow; returns (run id, whether it was created now)."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
@@ -118,7 +118,7 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
         for run in existing:
             if run.data.tags.get(CONTENT) == content:
                 log.info("MLflow already holds this run (%s): nothing to log", run.info.run_id)
-                return run.info.run_id
+                return run.info.run_id, False
         for run in existing:
             client.set_tag(run.info.run_id, SUPERSEDED, "true")
             log.info("MLflow run %s marked superseded by the new results", run.info.run_id)
@@ -160,7 +160,7 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
             client.set_terminated(run_id, "FAILED")
             client.set_tag(run_id, SUPERSEDED, "true")
             raise
-    return run_id
+    return run_id, True
 
 
 def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bool,
@@ -172,8 +172,9 @@ def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bo
     else:
         resolved = tracking_uri(uri)
         try:
-            run_id = log_run_folder(run_dir, tags, resolved, extra_artifacts)
-            record = {"status": "logged", "run_id": run_id, "tracking_uri": resolved}
+            run_id, created = log_run_folder(run_dir, tags, resolved, extra_artifacts)
+            record = {"status": "logged" if created else "present", "run_id": run_id,
+                      "tracking_uri": resolved}
         except Exception as exc:  # noqa: BLE001 - tracking must never lose a finished result
             log.warning("MLflow was skipped for %s (%s: %s); the results on disk are complete, "
                         "`clipsvd sync` logs them later", run_dir, type(exc).__name__, exc)
@@ -181,3 +182,26 @@ def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bo
                       "reason": f"{type(exc).__name__}: {exc}"}
     write_json(run_dir / layout.TRACKING_RECORD, record)
     return record
+
+
+def sync(study: str, uri: str | None) -> dict[str, int]:
+    """Bring MLflow up to date from results/: log what it lacks, leave what it has."""
+    root = Path(layout.RESULTS) / "runs" / study
+    counts = {"logged": 0, "present": 0, "skipped": 0}
+    for record_path in sorted(root.glob(f"*/*/*/shots*/seed*/{layout.RUN_RECORD}")):
+        run_dir = record_path.parent
+        if not (run_dir / layout.METRICS).exists():
+            continue
+        tags = read_json(record_path)["tags"]
+        split = Path(layout.SPLIT.format(**{k: tags[k] for k in ("dataset", "setting", "shots", "seed")}))
+        extra = tuple(p for p in (split, *sorted(run_dir.glob("*.log"))) if p.exists())
+        result = mirror_run(run_dir, tags, uri, True, extra)
+        counts[result["status"]] += 1
+    log.info("MLflow sync of study '%s': %d logged, %d already present, %d skipped", study,
+             counts["logged"], counts["present"], counts["skipped"])
+    if counts["skipped"]:
+        from .errors import ClipsvdError
+
+        raise ClipsvdError(f"{counts['skipped']} run(s) could not be logged to {tracking_uri(uri)}; "
+                           "check that the tracking server is reachable and run `clipsvd sync` again")
+    return counts

@@ -40,6 +40,7 @@ rule evaluate:
     output:
         metrics=f"{layout.RUN}/{layout.METRICS}",
         predictions=f"{layout.RUN}/{layout.PREDICTIONS}",
+        record=f"{layout.RUN}/{layout.RUN_RECORD}",
         tracking=f"{layout.RUN}/{layout.TRACKING_RECORD}",
     log:
         f"{layout.RUN}/evaluate.log",
