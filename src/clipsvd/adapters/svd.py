@@ -1,0 +1,366 @@
+"""CLIP-SVD: adapt a CLIP-style model by training only the singular values of its weights.
+
+Each target weight ``W0`` (or one q/k/v row block of a fused attention projection) is
+decomposed once, ``W0 = U diag(s0) Vh`` (float64 SVD, kept as float32 buffers), and the model
+then uses ``W = W0 + U diag(s - s0) Vh`` with ``s`` (initialised to ``s0``) the only trainable
+tensor. Mathematically that equals ``U diag(s) Vh``; the delta form makes the adapted model
+*bit-identical* to the pretrained one at initialisation (the delta is exactly zero), instead of
+differing by the float32 round-off of re-multiplying the factors.
+
+Keys (in saved files, :meth:`SVDAdapter.state_dict`, :meth:`describe`) are
+``{encoder}.layer{i}.{matrix}``: encoder ``vision`` or ``text``, ``i`` the block index from
+0 (input side), matrix one of ``q k v out mlp_fc mlp_proj`` (e.g. ``vision.layer0.q``,
+``text.layer11.mlp_fc``). The same keys name the same matrices whatever the architecture
+(open_clip OpenAI-style blocks, timm ViT blocks, Hugging Face BERT layers).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ModelError
+from .base import Adapter, count_parameters, freeze
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("vision", "text")
+MATRICES = ("q", "k", "v", "out", "mlp_fc", "mlp_proj")
+MATRIX_GROUPS = {"mlp": ("mlp_fc", "mlp_proj"), "attn": ("q", "k", "v", "out"),
+                 "qkv": ("q", "k", "v")}
+
+# Per block family: matrix -> (submodule path inside the block, parameter name, row block of
+# a fused q/k/v weight or None).
+_FUSED = {"q": 0, "k": 1, "v": 2}
+FAMILIES: dict[str, dict[str, tuple[str, str, int | None]]] = {
+    "openai": {**{m: ("attn", "in_proj_weight", i) for m, i in _FUSED.items()},
+               "out": ("attn.out_proj", "weight", None),
+               "mlp_fc": ("mlp.c_fc", "weight", None),
+               "mlp_proj": ("mlp.c_proj", "weight", None)},
+    "timm": {**{m: ("attn.qkv", "weight", i) for m, i in _FUSED.items()},
+             "out": ("attn.proj", "weight", None),
+             "mlp_fc": ("mlp.fc1", "weight", None),
+             "mlp_proj": ("mlp.fc2", "weight", None)},
+    "bert": {"q": ("attention.self.query", "weight", None),
+             "k": ("attention.self.key", "weight", None),
+             "v": ("attention.self.value", "weight", None),
+             "out": ("attention.output.dense", "weight", None),
+             "mlp_fc": ("intermediate.dense", "weight", None),
+             "mlp_proj": ("output.dense", "weight", None)},
+}
+# Where each family's blocks live in an open_clip model, per encoder.
+BLOCK_LISTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "vision": (("visual.transformer.resblocks", "openai"), ("visual.trunk.blocks", "timm")),
+    "text": (("transformer.resblocks", "openai"), ("text.transformer.resblocks", "openai"),
+             ("text.transformer.encoder.layer", "bert")),
+}
+
+
+@dataclass
+class SVDConfig:
+    """Which singular values to train.
+
+    ``encoders``: subset of ("vision", "text"). ``matrices``: subset of q, k, v, out, mlp_fc,
+    mlp_proj, with shorthands mlp (both MLP layers), attn (q k v out), qkv. ``layers``:
+    "all"; "top<N>" (the N blocks nearest the output); "bottom<N>" (the N nearest the input);
+    "middle" (the middle third of the blocks, at most 4: blocks 4-7 of 12); or a list of block
+    indices, negative ones counting from the end. The same layer choice applies to each encoder.
+    """
+
+    encoders: Sequence[str] = ("vision", "text")
+    matrices: Sequence[str] = ("q", "k", "v", "out", "mlp")
+    layers: str | Sequence[int] = "all"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoders, str):
+            self.encoders = (self.encoders,)
+        if isinstance(self.matrices, str):
+            self.matrices = (self.matrices,)
+        self.encoders = tuple(self.encoders)
+        self.matrices = tuple(self.matrices)
+        if not isinstance(self.layers, str):
+            self.layers = [int(i) for i in self.layers]
+        unknown = [e for e in self.encoders if e not in ENCODERS]
+        if unknown or not self.encoders:
+            raise ModelError(f"svd encoders {list(self.encoders)} invalid; choose from "
+                             f"{list(ENCODERS)}")
+        allowed = set(MATRICES) | set(MATRIX_GROUPS)
+        bad = [m for m in self.matrices if m not in allowed]
+        if bad or not self.matrices:
+            raise ModelError(f"svd matrices {bad or []} invalid; choose from "
+                             f"{sorted(allowed)}")
+        if isinstance(self.layers, str):
+            _parse_layer_spec(self.layers, depth=None)
+        elif not self.layers:
+            raise ModelError("svd layers is an empty list; give 'all' or block indices")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | "SVDConfig" | None) -> "SVDConfig":
+        """Build from plain config data; unknown keys are a ModelError naming them."""
+        if isinstance(data, SVDConfig):
+            return data
+        data = dict(data or {})
+        known = {"encoders", "matrices", "layers"}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ModelError(f"unknown svd option(s) {extra}; known: {sorted(known)}")
+        return cls(**data)
+
+    def expanded_matrices(self) -> tuple[str, ...]:
+        chosen: set[str] = set()
+        for name in self.matrices:
+            chosen.update(MATRIX_GROUPS.get(name, (name,)))
+        return tuple(m for m in MATRICES if m in chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["encoders"] = list(self.encoders)
+        data["matrices"] = list(self.matrices)
+        return data
+
+
+def _parse_layer_spec(spec: str, depth: int | None) -> list[int] | None:
+    """Resolve a string layer spec against ``depth`` blocks (depth None: only validate)."""
+    text = spec.strip().lower()
+    if text == "all":
+        return None if depth is None else list(range(depth))
+    if text == "middle":
+        if depth is None:
+            return None
+        count = max(1, min(4, depth // 3))
+        start = (depth - count) // 2
+        return list(range(start, start + count))
+    for prefix in ("top", "bottom"):
+        if text.startswith(prefix):
+            number = text[len(prefix):]
+            if not number.isdigit() or int(number) < 1:
+                break
+            count = int(number)
+            if depth is None:
+                return None
+            if count > depth:
+                raise ModelError(f"svd layers {spec!r} asks for {count} blocks but the encoder "
+                                 f"has {depth}")
+            return list(range(depth - count, depth)) if prefix == "top" else list(range(count))
+    raise ModelError(f"svd layers {spec!r} invalid; use 'all', 'top<N>', 'bottom<N>', "
+                     "'middle' or a list of block indices")
+
+
+def resolve_layers(spec: str | Sequence[int], depth: int, encoder: str = "") -> list[int]:
+    """Sorted block indices selected by ``spec`` in an encoder of ``depth`` blocks."""
+    if isinstance(spec, str):
+        layers = _parse_layer_spec(spec, depth)
+        assert layers is not None
+        return layers
+    resolved = set()
+    for index in spec:
+        if not -depth <= int(index) < depth:
+            where = f"the {encoder} encoder" if encoder else "the encoder"
+            raise ModelError(f"svd layer index {index} out of range: {where} has {depth} blocks "
+                             f"(valid {-depth}..{depth - 1})")
+        resolved.add(int(index) % depth)
+    return sorted(resolved)
+
+
+def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def find_blocks(model: nn.Module) -> dict[str, tuple[str, str, list[nn.Module]]]:
+    """Per encoder: (module path of the block list, family, blocks) for the layouts we know."""
+    found: dict[str, tuple[str, str, list[nn.Module]]] = {}
+    for encoder, candidates in BLOCK_LISTS.items():
+        for path, family in candidates:
+            blocks = _get_submodule(model, path)
+            if blocks is None or not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+                continue
+            blocks = list(blocks)
+            sub, name, _ = FAMILIES[family]["out"]
+            if blocks and all(_get_submodule(b, sub) is not None for b in blocks):
+                found[encoder] = (path, family, blocks)
+                break
+    return found
+
+
+class SingularValueDelta(nn.Module):
+    """Parametrization ``W0 -> W0 + [U_b diag(s_b - s0_b) Vh_b]_b`` over row blocks of W0.
+
+    ``num_blocks`` is 3 for a fused q/k/v weight (each third decomposed separately) and 1
+    otherwise; blocks not selected get no delta. U, s0, Vh are non-persistent buffers (they are
+    recomputed from W0 at attach, so they never bloat a model's state dict).
+    """
+
+    def __init__(self, weight: torch.Tensor, num_blocks: int, selected: Sequence[int]):
+        super().__init__()
+        rows = weight.shape[0]
+        if rows % num_blocks:
+            raise ModelError(f"fused weight with {rows} rows cannot be split into {num_blocks} "
+                             "blocks")
+        self.num_blocks = num_blocks
+        self.block_rows = rows // num_blocks
+        self.selected = sorted(selected)
+        self.s = nn.ParameterDict()
+        source = weight.detach().to("cpu", torch.float64)
+        for block in self.selected:
+            part = source[block * self.block_rows:(block + 1) * self.block_rows]
+            u, s0, vh = torch.linalg.svd(part, full_matrices=False)
+            device = weight.device
+            self.register_buffer(f"U_{block}", u.to(device, torch.float32), persistent=False)
+            self.register_buffer(f"Vh_{block}", vh.to(device, torch.float32), persistent=False)
+            self.register_buffer(f"s0_{block}", s0.to(device, torch.float32), persistent=False)
+            self.s[str(block)] = nn.Parameter(s0.to(device, torch.float32).clone())
+
+    def factors(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (getattr(self, f"U_{block}"), getattr(self, f"s0_{block}"),
+                getattr(self, f"Vh_{block}"))
+
+    def delta(self, block: int) -> torch.Tensor:
+        u, s0, vh = self.factors(block)
+        return (u * (self.s[str(block)] - s0)) @ vh
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.num_blocks == 1:
+            return weight + self.delta(0).to(weight.dtype)
+        pieces = []
+        for block in range(self.num_blocks):
+            if block in self.selected:
+                pieces.append(self.delta(block).to(weight.dtype))
+            else:
+                pieces.append(weight.new_zeros(self.block_rows, weight.shape[1]))
+        return weight + torch.cat(pieces, dim=0)
+
+
+@dataclass
+class SVDTarget:
+    """One adapted matrix: its readable key, where it lives, and its trainable vector."""
+
+    key: str
+    encoder: str
+    layer: int
+    matrix: str
+    module_path: str
+    param_name: str
+    block: int
+    shape: tuple[int, int]
+    parametrization: SingularValueDelta = field(repr=False)
+
+    @property
+    def s(self) -> nn.Parameter:
+        return self.parametrization.s[str(self.block)]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, s0, Vh) of the pretrained matrix, for interpretation of the trained s."""
+        return self.parametrization.factors(self.block)
+
+
+class SVDAdapter(Adapter):
+    """CLIP-SVD attached to an open_clip model: only chosen singular values are trainable."""
+
+    kind = "clip_svd"
+
+    def __init__(self, model: nn.Module, config: SVDConfig, targets: list[SVDTarget],
+                 base_fingerprint: str, base_num_parameters: int, seconds: float):
+        self.model = model
+        self.config = config
+        self.targets = targets
+        self.base_fingerprint = base_fingerprint
+        self.base_num_parameters = base_num_parameters
+        self.svd_seconds = seconds
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: SVDConfig | Mapping[str, Any] | None = None
+               ) -> "SVDAdapter":
+        """Decompose the selected weights, reparametrise them in place, freeze the rest."""
+        from ..models import state_dict_fingerprint
+
+        config = SVDConfig.from_dict(config)
+        if any(parametrize.is_parametrized(m) for m in model.modules()):
+            raise ModelError("this model already has an adapter attached; load a fresh model "
+                             "before attaching another")
+        found = find_blocks(model)
+        if not found:
+            kinds = sorted({type(m).__name__ for m in model.modules()})
+            raise ModelError("CLIP-SVD found no transformer blocks it knows (open_clip "
+                             "ResidualAttentionBlock, timm ViT Block, BERT layer); module types "
+                             f"present: {', '.join(kinds[:20])}")
+        missing = [e for e in config.encoders if e not in found]
+        if missing:
+            raise ModelError(f"CLIP-SVD cannot find the {', '.join(missing)} encoder's blocks in "
+                             f"this model (found: {', '.join(sorted(found)) or 'none'}); drop it "
+                             "from svd encoders")
+        base_fingerprint = state_dict_fingerprint(model)
+        base_count = count_parameters(model)
+        matrices = config.expanded_matrices()
+        # Group the selected row blocks by the tensor they live in, so a fused q/k/v weight
+        # gets one parametrization covering its selected thirds.
+        plan: dict[tuple[str, str], dict[str, Any]] = {}
+        for encoder in config.encoders:
+            path, family, blocks = found[encoder]
+            for layer in resolve_layers(config.layers, len(blocks), encoder):
+                for matrix in matrices:
+                    sub, pname, fused = FAMILIES[family][matrix]
+                    module_path = f"{path}.{layer}.{sub}"
+                    entry = plan.setdefault((module_path, pname), {
+                        "num_blocks": 1 if fused is None else 3, "items": []})
+                    entry["items"].append((encoder, layer, matrix, 0 if fused is None else fused))
+        freeze(model)
+        started = time.perf_counter()
+        targets: list[SVDTarget] = []
+        for (module_path, pname), entry in plan.items():
+            module = model.get_submodule(module_path)
+            weight = getattr(module, pname)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise ModelError(f"CLIP-SVD expected a 2-D weight at {module_path}.{pname}")
+            blocks = [item[3] for item in entry["items"]]
+            delta = SingularValueDelta(weight, entry["num_blocks"], blocks)
+            parametrize.register_parametrization(module, pname, delta, unsafe=True)
+            original = module.parametrizations[pname].original
+            original.requires_grad_(False)
+            rows = weight.shape[0] // entry["num_blocks"]
+            for encoder, layer, matrix, block in entry["items"]:
+                targets.append(SVDTarget(
+                    key=f"{encoder}.layer{layer}.{matrix}", encoder=encoder, layer=layer,
+                    matrix=matrix, module_path=module_path, param_name=pname, block=block,
+                    shape=(rows, weight.shape[1]), parametrization=delta))
+        seconds = time.perf_counter() - started
+        targets.sort(key=lambda t: (ENCODERS.index(t.encoder), t.layer,
+                                    MATRICES.index(t.matrix)))
+        adapter = cls(model, config, targets, base_fingerprint, base_count, seconds)
+        log.info("CLIP-SVD: %d matrices, %d singular values trained (%.4f%% of %d), SVD took "
+                 "%.1f s", len(targets), adapter.num_trainable(),
+                 100 * adapter.trainable_fraction(), base_count, seconds)
+        return adapter
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return {t.key: t.s for t in self.targets}
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"key": t.key, "encoder": t.encoder, "layer": t.layer, "matrix": t.matrix,
+                 "module": f"{t.module_path}.{t.param_name}"
+                 + (f"[block {t.block}]" if t.parametrization.num_blocks > 1 else ""),
+                 "shape": list(t.shape), "trained": t.s.numel()} for t in self.targets]
+
+    def target(self, key: str) -> SVDTarget:
+        for t in self.targets:
+            if t.key == key:
+                return t
+        raise KeyError(key)
+
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        """Compute each adapted weight once per block of code (one training step's forward
+        and backward, or a whole evaluation) instead of at every attribute access."""
+        with parametrize.cached():
+            yield
