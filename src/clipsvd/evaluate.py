@@ -4,6 +4,7 @@ The test set is evaluated once, at the end (no model selection on it).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
     device = resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
+    adapter = None
     if method == "clip_svd":
         svd = cfg.clip_svd
         adapter = SVDAdapter.attach(loaded.model, SVDConfig(
@@ -75,16 +77,18 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
         groups.append(("test_novel", split["novel_classes"], "novel"))
     metrics: dict[str, Any] = {}
     tables = []
-    for key, class_names, group in groups:
-        images, labels = split_images(store, split, key)
-        probs = predict(loaded, images, class_names, dataset_cfg.templates, scale, device,
-                        cfg.eval_batch_size)
-        result = classification_metrics(labels.numpy(), probs.numpy(), list(class_names))
-        if group == "all":
-            metrics.update(result)
-        else:
-            metrics.update({f"{group}_{k}": v for k, v in result.items()})
-        tables.append(_prediction_table(store, split, key, labels, probs, class_names, group))
+    cached = adapter.cached() if adapter is not None else contextlib.nullcontext()
+    with cached:
+        for key, class_names, group in groups:
+            images, labels = split_images(store, split, key)
+            probs = predict(loaded, images, class_names, dataset_cfg.templates, scale, device,
+                            cfg.eval_batch_size)
+            result = classification_metrics(labels.numpy(), probs.numpy(), list(class_names))
+            if group == "all":
+                metrics.update(result)
+            else:
+                metrics.update({f"{group}_{k}": v for k, v in result.items()})
+            tables.append(_prediction_table(store, split, key, labels, probs, class_names, group))
     if split["setting"] == "base_to_novel":
         base, novel = metrics["base_accuracy"], metrics["novel_accuracy"]
         metrics["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel > 0 else 0.0

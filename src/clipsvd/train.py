@@ -85,7 +85,7 @@ def adapt(cfg: StudyConfig, dataset: str, split_path: Path, store_dir: Path, out
     adapter = SVDAdapter.attach(model, SVDConfig(encoders=svd_cfg.encoders,
                                                  matrices=svd_cfg.matrices, layers=svd_cfg.layers))
     model.to(device)
-    n_model = sum(p.numel() for p in model.parameters()) - adapter.num_trainable()
+    n_model = adapter.base_num_parameters
     n_trainable = adapter.num_trainable()
     log.info("CLIP-SVD: %d trainable singular values (%.4f%% of %d model parameters) in %d matrices",
              n_trainable, 100 * n_trainable / n_model, n_model, len(adapter.describe()))
@@ -124,17 +124,18 @@ def adapt(cfg: StudyConfig, dataset: str, split_path: Path, store_dir: Path, out
         step_lr = cosine_lr(step, steps, lr, svd_cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                              enabled=amp_dtype is not None):
             text = encode_class_prompts(loaded, split["classes"], dataset_cfg.templates, device)
             feats = encode_images(model, batch)
             logits = scale * feats @ text.t()
             loss = F.cross_entropy(logits.float(), target)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss.item()} at step {step + 1} of {steps} (learning rate "
-                f"{step_lr:.3g}); lower the learning rate (clip_svd.lr or datasets.*.lr)")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {step + 1} of {steps} (learning rate "
+                    f"{step_lr:.3g}); lower the learning rate (clip_svd.lr or datasets.*.lr)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         accuracy = (logits.argmax(1) == target).float().mean().item()
