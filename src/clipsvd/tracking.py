@@ -205,3 +205,31 @@ def sync(study: str, uri: str | None) -> dict[str, int]:
         raise ClipsvdError(f"{counts['skipped']} run(s) could not be logged to {tracking_uri(uri)}; "
                            "check that the tracking server is reachable and run `clipsvd sync` again")
     return counts
+
+
+REPORT_TAG = "clipsvd.report"
+
+
+def mirror_report(study: str, report_dir: Path, uri: str | None, enabled: bool) -> dict[str, Any]:
+    """Log the report folder to a study-level MLflow run (older report runs are superseded)."""
+    if not enabled:
+        return {"status": "disabled"}
+    resolved = tracking_uri(uri)
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=resolved)
+        with _writer_lock():
+            experiment_id = _experiment_id(client, study)
+            for old in client.search_runs(
+                    [experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'true' and "
+                                                   f"tags.`{SUPERSEDED}` = 'false'"):
+                client.set_tag(old.info.run_id, SUPERSEDED, "true")
+            run = client.create_run(experiment_id, run_name=f"{study} report", tags={
+                REPORT_TAG: "true", SUPERSEDED: "false", "study": study})
+            client.log_artifacts(run.info.run_id, str(report_dir), artifact_path="report")
+            client.set_terminated(run.info.run_id, "FINISHED")
+        return {"status": "logged", "run_id": run.info.run_id, "tracking_uri": resolved}
+    except Exception as exc:  # noqa: BLE001 - the report on disk is what matters
+        log.warning("MLflow was skipped for the report (%s: %s)", type(exc).__name__, exc)
+        return {"status": "skipped", "tracking_uri": resolved, "reason": f"{type(exc).__name__}: {exc}"}
