@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import ADAPTER_METHODS, METHODS
 from .errors import ClipsvdError
 
 log = logging.getLogger("clipsvd")
@@ -73,7 +74,15 @@ def cmd_adapt(args) -> None:
     from .train import adapt
 
     _set_threads(args.threads)
-    adapt(_config(args), args.dataset, Path(args.split), Path(args.store), Path(args.run_dir))
+    adapt(_config(args), args.dataset, args.method, Path(args.split), Path(args.store),
+          Path(args.run_dir))
+
+
+def cmd_features(args) -> None:
+    from .features import compute_features
+
+    _set_threads(args.threads)
+    compute_features(_config(args), Path(args.store), Path(args.out))
 
 
 def cmd_evaluate(args) -> None:
@@ -83,7 +92,9 @@ def cmd_evaluate(args) -> None:
     _set_threads(args.threads)
     cfg = _config(args)
     run_dir = Path(args.run_dir)
-    record = evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store), run_dir)
+    features = Path(args.features) if args.features else None
+    record = evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store), run_dir,
+                      features_path=features)
     extra = (Path(args.split), *sorted(run_dir.glob("*.log")))
     mirror_run(run_dir, record["tags"], cfg.tracking.uri, cfg.tracking.enabled, extra)
 
@@ -97,12 +108,19 @@ def cmd_sync(args) -> None:
 
 def cmd_report(args) -> None:
     from .report import build_report
+    from .tracking import mirror_report
 
-    build_report([Path(p) for p in args.runs], Path(args.out_dir))
+    cfg = _config(args)
+    out_dir = Path(args.out_dir)
+    build_report([Path(p) for p in args.runs], out_dir, cfg)
+    if not args.no_mlflow:
+        mirror_report(cfg.study, out_dir, cfg.tracking.uri, cfg.tracking.enabled)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipsvd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="clipsvd", description="Few-shot adaptation of CLIP-style models to medical images "
+        "(CLIP-SVD and baselines); the workflow's rules call these subcommands.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, func, help_text):
@@ -128,22 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True)
-    p = add("adapt", cmd_adapt, "train CLIP-SVD on one split")
+    p = add("features", cmd_features, "frozen image features of a prepared store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p = add("adapt", cmd_adapt, "train an adapter (CLIP-SVD, CLIP-LoRA, Comp-LoRA) on one split")
     p.add_argument("--dataset", required=True)
+    p.add_argument("--method", required=True, choices=list(ADAPTER_METHODS))
     p.add_argument("--split", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p = add("evaluate", cmd_evaluate, "evaluate a run on its test set and log it to MLflow")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--method", required=True, choices=["zero_shot", "clip_svd"])
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--features", help="frozen image features (zero_shot, linear_probe)")
     p.add_argument("--split", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     add("sync", cmd_sync, "log every run folder of the study that MLflow lacks")
-    p = add("report", cmd_report, "tables and figures of a study's runs")
+    p = add("report", cmd_report, "tables, figures, statistics and an HTML page of a study's "
+                                  "runs, logged to MLflow")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="do not log the report folder to MLflow")
     p.add_argument("runs", nargs="+", help="run folders")
     return parser
 

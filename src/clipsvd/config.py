@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,9 @@ import yaml
 from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
-METHODS = ("zero_shot", "clip_svd")
+METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd")
+ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd")  # methods that train with an adapter
+FEATURE_METHODS = ("zero_shot", "linear_probe")  # methods that use frozen image features
 SETTINGS = ("few_shot", "base_to_novel")
 DEFAULT_EPOCHS = 50
 
@@ -53,18 +55,26 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class MedmnistConfig:
+    flag: str  # a MedMNIST dataset name as in medmnist.INFO, e.g. pathmnist, organmnist3d
+    size: int = 28  # 28 reads <flag>.npz; 64, 128, 224 read <flag>_<size>.npz
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str
-    format: str  # folder | csv
+    format: str  # folder | csv | medmnist | coop_json
     root: str
     templates: tuple[str, ...] = ("a photo of a {}.",)
     manifest: str | None = None  # csv: the manifest file, relative to root
+    medmnist: MedmnistConfig | None = None  # medmnist: which npz file under root
+    split_file: str | None = None  # coop_json: split_<NAME>.json under root (default: the only one)
+    image_dir: str | None = None  # coop_json: folder the split's paths start from (default: auto)
     demo: DemoConfig | None = None  # generated locally by `clipsvd demo-data`
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    lr: float | None = None  # per-dataset override of the method's learning rate
-    epochs: int | None = None  # per-dataset override of the method's length
+    overrides: dict = field(default_factory=dict)  # {method: {lr, epochs, ...}} for this dataset
 
 
 @dataclass(frozen=True)
@@ -76,19 +86,52 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ClipSvdConfig:
+class TrainingConfig:
+    """What every adapter method shares: optimiser, length, augmentation, precision."""
     encoders: tuple[str, ...] = ("vision", "text")
-    matrices: tuple[str, ...] = ("q", "k", "v", "out", "mlp")
-    layers: Any = "all"  # all | top4 | bottom4 | middle | top<N> | bottom<N> | [indices]
+    layers: Any = "all"  # all | top<N> | bottom<N> | middle | [indices]
     lr: float = 2e-3
     weight_decay: float = 0.0
     batch_size: int = 32
-    epochs: int | None = 50
+    epochs: int | None = DEFAULT_EPOCHS
     iterations_per_shot: int | None = None  # length as iterations × K instead of epochs
     min_lr: float = 1e-6
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision, GPU only)
+
+
+@dataclass(frozen=True)
+class ClipSvdConfig(TrainingConfig):
+    matrices: tuple[str, ...] = ("q", "k", "v", "out", "mlp")
+
+
+@dataclass(frozen=True)
+class LoRAMethodConfig(TrainingConfig):
+    matrices: tuple[str, ...] = ("q", "k", "v")
+    rank: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    epochs: int | None = None
+    iterations_per_shot: int | None = 500
+
+
+@dataclass(frozen=True)
+class CompLoRAMethodConfig(LoRAMethodConfig):
+    protect_rank: int | None = None
+    protect_energy: float | None = 0.9
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+    max_iter: int = 1000
+
+
+METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
+                  "comp_lora": CompLoRAMethodConfig}
 
 
 @dataclass(frozen=True)
@@ -107,6 +150,9 @@ class StudyConfig:
     seeds: tuple[int, ...]
     model: ModelConfig
     clip_svd: ClipSvdConfig
+    clip_lora: LoRAMethodConfig
+    comp_lora: CompLoRAMethodConfig
+    linear_probe: LinearProbeConfig
     tracking: TrackingConfig
     device: str = "auto"
     eval_batch_size: int = 64
@@ -117,6 +163,16 @@ class StudyConfig:
                 return dataset
         raise ConfigError(f"dataset '{name}' is not in the study's datasets "
                           f"({', '.join(d.name for d in self.datasets)})")
+
+    def training(self, method: str, dataset: str) -> TrainingConfig:
+        """The method's training settings with the dataset's overrides applied."""
+        base = getattr(self, method)
+        override = dict(self.dataset(dataset).overrides.get(method, {}))
+        if "epochs" in override:
+            override.setdefault("iterations_per_shot", None)
+        elif "iterations_per_shot" in override:
+            override["epochs"] = None
+        return replace(base, **override)
 
     def fingerprint(self) -> str:
         """A short hash of the resolved configuration, recorded with every run."""
@@ -189,7 +245,7 @@ def _with_defaults(validator_cls):
     return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
 
 
-def _check_semantics(data: dict[str, Any], source: str) -> None:
+def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> None:
     names = [d["name"] for d in data["datasets"]]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -199,6 +255,15 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
         if dataset["format"] == "csv" and not dataset.get("manifest"):
             raise ConfigError(f"{source}: key 'datasets.{i}.manifest': format 'csv' needs the "
                               "manifest file name (relative to root)")
+        if dataset["format"] == "medmnist" and not dataset.get("medmnist"):
+            raise ConfigError(f"{source}: key 'datasets.{i}.medmnist': format 'medmnist' needs "
+                              "medmnist: {flag: <name>, size: 28|64|128|224}")
+        for key, fmt in (("manifest", "csv"), ("medmnist", "medmnist"),
+                         ("split_file", "coop_json"), ("image_dir", "coop_json")):
+            if dataset.get(key) is not None and dataset["format"] != fmt:
+                raise ConfigError(f"{source}: key 'datasets.{i}.{key}': only format '{fmt}' "
+                                  f"uses it, this dataset has format '{dataset['format']}'; "
+                                  "remove the key or change the format")
         demo_root = f"results/raw/{dataset['name']}"
         if dataset.get("demo") and dataset["root"].rstrip("/") != demo_root:
             raise ConfigError(f"{source}: key 'datasets.{i}.root': a demo dataset is generated at "
@@ -207,21 +272,28 @@ def _check_semantics(data: dict[str, Any], source: str) -> None:
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
                                   f"exactly one '{{}}' where the class name goes, got {template!r}")
-    svd = data["clip_svd"]
-    if svd.get("epochs") is not None and svd.get("iterations_per_shot") is not None:
-        raise ConfigError(f"{source}: key 'clip_svd': set either 'epochs' or "
-                          "'iterations_per_shot', not both")
-    if svd.get("epochs") is None and svd.get("iterations_per_shot") is None:
-        svd["epochs"] = DEFAULT_EPOCHS
-    low, high = svd["crop_scale"]
-    if not 0 < low <= high <= 1:
-        raise ConfigError(f"{source}: key 'clip_svd.crop_scale': need 0 < low <= high <= 1, "
-                          f"got {svd['crop_scale']}")
+    for method, cls in METHOD_CONFIGS.items():
+        given = raw.get(method) or {}
+        section = data[method]
+        if given.get("epochs") is not None and given.get("iterations_per_shot") is not None:
+            raise ConfigError(f"{source}: key '{method}': set either 'epochs' or "
+                              "'iterations_per_shot', not both")
+        # The one the user gave wins over the method's default length.
+        if given.get("epochs") is not None:
+            section["iterations_per_shot"] = None
+        elif given.get("iterations_per_shot") is not None:
+            section["epochs"] = None
+        else:
+            section["epochs"], section["iterations_per_shot"] = cls.epochs, cls.iterations_per_shot
+        low, high = section["crop_scale"]
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"{source}: key '{method}.crop_scale': need 0 < low <= high <= 1, "
+                              f"got {section['crop_scale']}")
 
 
 def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
     data = validate(raw, source)
-    _check_semantics(data, source)
+    _check_semantics(raw, data, source)
     datasets = []
     for d in data["datasets"]:
         d = dict(d)
@@ -229,6 +301,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         d["split"] = _build(SplitConfig, d.get("split", {}))
         d["sampling"] = _build(SamplingConfig, d.get("sampling", {}))
         d["demo"] = _build(DemoConfig, d["demo"]) if d.get("demo") else None
+        d["medmnist"] = _build(MedmnistConfig, d["medmnist"]) if d.get("medmnist") else None
         datasets.append(_build(DatasetConfig, d))
     return StudyConfig(
         study=data["study"],
@@ -239,6 +312,9 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         seeds=tuple(data["seeds"]),
         model=_build(ModelConfig, data["model"]),
         clip_svd=_build(ClipSvdConfig, data["clip_svd"]),
+        clip_lora=_build(LoRAMethodConfig, data["clip_lora"]),
+        comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
+        linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
         tracking=_build(TrackingConfig, data["tracking"]),
         device=data["device"],
         eval_batch_size=data["eval_batch_size"],

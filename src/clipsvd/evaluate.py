@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
 from . import layout
-from .adapters.svd import SVDAdapter, SVDConfig
 from .config import StudyConfig
 from .data.store import PreparedStore
 from .devices import resolve_device
@@ -22,7 +22,8 @@ from .io import atomic_path, read_json, write_json
 from .metrics import classification_metrics
 from .models import encode_class_prompts, encode_images, load_model
 from .provenance import file_sha256, git_state, package_versions
-from .train import logit_scale_value, normalizer, split_images
+from .probe import fit_linear_probe, probe_probabilities, save_probe
+from .train import attach_adapter, logit_scale_value, normalizer, split_images
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def predict(loaded, images: torch.Tensor, class_names: list[str], templates, sca
     return torch.cat(probs) if probs else torch.empty(0, len(class_names))
 
 
-def _prediction_table(store, split, key, labels, probs, class_names, group) -> pd.DataFrame:
+def _prediction_table(split, key, labels, probs, class_names, group) -> pd.DataFrame:
     table = pd.DataFrame({
         "sample_id": [str(i) for i in split[key]],
         "group": group,
@@ -55,41 +56,80 @@ def _prediction_table(store, split, key, labels, probs, class_names, group) -> p
     return table
 
 
+def _feature_rows(features: np.ndarray, store: PreparedStore, ids: list) -> np.ndarray:
+    return features[store.rows([str(i) for i in ids])]
+
+
+def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any],
+                   store: PreparedStore, loaded, device: torch.device, run_dir: Path,
+                   features_path: Path | None, adapter_path: Path | None):
+    """A function (split key, class names, labels, images) -> class probabilities."""
+    templates = cfg.dataset(dataset).templates
+    scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
+    if method == "zero_shot":
+        features = np.load(features_path, mmap_mode="r")
+
+        def zero_shot(key, class_names):
+            with torch.no_grad():
+                text = encode_class_prompts(loaded, class_names, templates, device).float().cpu()
+            image = torch.from_numpy(np.asarray(_feature_rows(features, store, split[key])))
+            return (scale.cpu() * image @ text.t()).softmax(dim=1)
+        return zero_shot, contextlib.nullcontext()
+    if method == "linear_probe":
+        features = np.load(features_path, mmap_mode="r")
+        _, train_y = split_images(store, split, "train", with_images=False)
+        _, val_y = split_images(store, split, "val", with_images=False)
+        settings = cfg.linear_probe
+        model, c, _ = fit_linear_probe(
+            _feature_rows(features, store, split["train"]), train_y.numpy(),
+            _feature_rows(features, store, split["val"]), val_y.numpy(), len(split["classes"]),
+            settings.c_grid, settings.max_iter, int(split["seed"]))
+        save_probe(run_dir / layout.PROBE, model, len(split["classes"]), c)
+
+        def probe(key, class_names):
+            x = _feature_rows(features, store, split[key])
+            return torch.from_numpy(probe_probabilities(model, x, len(class_names)))
+        return probe, contextlib.nullcontext()
+    adapter = attach_adapter(method, loaded.model, cfg.training(method, dataset))
+    adapter.load(adapter_path or run_dir / layout.ADAPTER)
+    loaded.model.to(device).eval()
+
+    def adapted(key, class_names):
+        images, _ = split_images(store, split, key)
+        return predict(loaded, images, class_names, templates, scale, device, cfg.eval_batch_size)
+    return adapted, adapter.cached()
+
+
 def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
-             run_dir: Path, adapter_path: Path | None = None) -> dict[str, Any]:
+             run_dir: Path, features_path: Path | None = None,
+             adapter_path: Path | None = None) -> dict[str, Any]:
     split = read_json(split_path)
-    dataset_cfg = cfg.dataset(dataset)
     device = resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
-    adapter = None
-    if method == "clip_svd":
-        svd = cfg.clip_svd
-        adapter = SVDAdapter.attach(loaded.model, SVDConfig(
-            encoders=svd.encoders, matrices=svd.matrices, layers=svd.layers))
-        adapter.load(adapter_path or run_dir / layout.ADAPTER)
     loaded.model.to(device).eval()
-    scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    probabilities, cached = _probabilities(cfg, dataset, method, split, store, loaded, device,
+                                           run_dir, features_path, adapter_path)
 
-    groups = [("test", split["classes"], "base" if split["setting"] == "base_to_novel" else "all")]
-    if split["setting"] == "base_to_novel":
+    base_to_novel = split["setting"] == "base_to_novel"
+    groups = [("test", split["classes"], "base" if base_to_novel else "all")]
+    if base_to_novel:
         groups.append(("test_novel", split["novel_classes"], "novel"))
     metrics: dict[str, Any] = {}
     tables = []
-    cached = adapter.cached() if adapter is not None else contextlib.nullcontext()
     with cached:
         for key, class_names, group in groups:
-            images, labels = split_images(store, split, key)
-            probs = predict(loaded, images, class_names, dataset_cfg.templates, scale, device,
-                            cfg.eval_batch_size)
+            _, labels = split_images(store, split, key, with_images=False)
+            probs = probabilities(key, class_names).float()
             result = classification_metrics(labels.numpy(), probs.numpy(), list(class_names))
             if group == "all":
                 metrics.update(result)
             else:
                 metrics.update({f"{group}_{k}": v for k, v in result.items()})
-            tables.append(_prediction_table(store, split, key, labels, probs, class_names, group))
-    if split["setting"] == "base_to_novel":
+            tables.append(_prediction_table(split, key, labels, probs, class_names, group))
+    if base_to_novel:
         base, novel = metrics["base_accuracy"], metrics["novel_accuracy"]
         metrics["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
         metrics["accuracy"] = metrics["harmonic_mean"]
@@ -99,7 +139,6 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
              sum(len(t) for t in tables))
 
     record = run_record(cfg, dataset, method, split, split_path, str(device), loaded.fingerprint)
-    run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / layout.PREDICTIONS) as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
     write_json(run_dir / layout.RUN_RECORD, record)

@@ -10,6 +10,7 @@ from pathlib import Path
 RESULTS = "results"
 RAW = RESULTS + "/raw/{dataset}"
 STORE = RESULTS + "/prepared/{dataset}"
+FEATURES = RESULTS + "/features/{dataset}/{model}.npy"  # frozen image features, store order
 SPLIT = RESULTS + "/splits/{dataset}/{setting}/shots{shots}_seed{seed}.json"
 RUN = RESULTS + "/runs/{study}/{dataset}/{method}/{setting}/shots{shots}/seed{seed}"
 REPORT = RESULTS + "/report/{study}"
@@ -18,6 +19,7 @@ MLFLOW_ARTIFACTS = RESULTS + "/mlartifacts"
 
 # Files inside a run folder.
 ADAPTER = "adapter.safetensors"
+PROBE = "probe.safetensors"  # the linear probe's weights
 TRAIN_SUMMARY = "train.json"
 TRAIN_HISTORY = "train_history.csv"
 METRICS = "metrics.json"
@@ -38,3 +40,32 @@ ZERO_SHOT_SEED = 0
 def run_dir(study: str, dataset: str, method: str, setting: str, shots: int, seed: int) -> Path:
     return Path(RUN.format(study=study, dataset=dataset, method=method, setting=setting,
                            shots=shots, seed=seed))
+
+
+def model_slug(name: str, pretrained: str | None, init_seed: int) -> str:
+    """A file-name-safe id of a model and its weights, for per-model caches."""
+    import hashlib
+    import re
+
+    weights = pretrained or f"random{init_seed}"
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{Path(weights).name}").strip("_")[:60]
+    digest = hashlib.sha256(f"{name}|{weights}".encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+# More files of the report folder (issue 7). {setting}: few_shot or base_to_novel.
+REPORT_RUNS = "runs.csv"  # one row per run: identity and scalar metrics
+REPORT_SUMMARY = "summary.csv"  # per dataset: every scalar metric, mean/std over seeds
+REPORT_SUMMARY_AVERAGE = "summary_average.csv"  # averaged over datasets
+REPORT_SETTING_TABLE = "{setting}.{ext}"  # ext csv | md | tex: per dataset and the average
+REPORT_METRICS_TABLE = "{setting}_metrics.{ext}"  # every metric, md | tex
+REPORT_COMPARISON = "comparison.{ext}"  # paired CLIP-SVD comparison, csv | md | tex
+REPORT_CONFUSION = "confusion_{dataset}_{setting}.png"
+REPORT_RELIABILITY = "reliability_{setting}.png"
+REPORT_PROVENANCE = "provenance.json"
+REPORT_HTML = "report.html"
+
+
+def report_paths(pattern: str, settings, datasets=(None,), **fields) -> list[str]:
+    """Report-folder paths of a file pattern per setting (and dataset), {study} left in."""
+    return [f"{REPORT}/{pattern.format(setting=s, dataset=d, **fields)}"
+            for s in settings for d in datasets]

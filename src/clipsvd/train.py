@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from . import layout
+from .adapters.base import Adapter
 from .adapters.svd import SVDAdapter, SVDConfig
-from .config import StudyConfig
+from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
 from .data.store import PreparedStore
 from .devices import autocast_dtype, resolve_device
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .io import atomic_path, read_json, write_json
 from .models import LoadedModel, encode_class_prompts, encode_images, load_model
 from .seeding import seed_everything
@@ -32,11 +33,12 @@ from .seeding import seed_everything
 log = logging.getLogger(__name__)
 
 
-def split_images(store: PreparedStore, split: dict[str, Any], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_images(store: PreparedStore, split: dict[str, Any], key: str,
+                 with_images: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """uint8 images (N,3,H,W) and labels relative to the split's classes, read from the store."""
     ids = [str(i) for i in split[key]]
     rows = store.rows(ids)
-    images = torch.from_numpy(np.ascontiguousarray(store.images[rows]))
+    images = torch.from_numpy(np.ascontiguousarray(store.images[rows])) if with_images else None
     classes = split["novel_classes"] if key == "test_novel" else split["classes"]
     position = {name: i for i, name in enumerate(classes)}
     labels = torch.tensor([position[n] for n in store.index["class_name"].to_numpy()[rows]],
@@ -55,12 +57,19 @@ def logit_scale_value(loaded: LoadedModel, configured: Any) -> torch.Tensor:
     return torch.tensor(float(configured))
 
 
-def total_steps(cfg: StudyConfig, dataset: str, n_support: int, shots: int) -> int:
-    svd = cfg.clip_svd
-    epochs = cfg.dataset(dataset).epochs or svd.epochs
-    if cfg.dataset(dataset).epochs is None and svd.iterations_per_shot is not None:
-        return svd.iterations_per_shot * shots
-    return epochs * math.ceil(n_support / svd.batch_size)
+def total_steps(settings: TrainingConfig, n_support: int, shots: int) -> int:
+    """Epochs over the support set, or iterations × K (the CLIP-LoRA and natural-image recipes)."""
+    if settings.iterations_per_shot is not None:
+        return settings.iterations_per_shot * shots
+    return settings.epochs * math.ceil(n_support / settings.batch_size)
+
+
+def attach_adapter(method: str, model: torch.nn.Module, settings: TrainingConfig) -> Adapter:
+    """Attach the method's adapter, configured from the study's settings of that method."""
+    if method == "clip_svd":
+        return SVDAdapter.attach(model, SVDConfig(encoders=settings.encoders,
+                                                  matrices=settings.matrices, layers=settings.layers))
+    raise ConfigError(f"method '{method}' has no adapter; adapter methods are {', '.join(ADAPTER_METHODS)}")
 
 
 def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:
@@ -70,39 +79,39 @@ def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * step / (steps - 1)))
 
 
-def adapt(cfg: StudyConfig, dataset: str, split_path: Path, store_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train CLIP-SVD on one split; write the adapter, the history and a summary into out_dir."""
+def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
+          out_dir: Path) -> dict[str, Any]:
+    """Train one adapter on one split; write the adapter, the history and a summary into out_dir."""
     split = read_json(split_path)
     shots, seed = int(split["shots"]), int(split["seed"])
     dataset_cfg = cfg.dataset(dataset)
-    svd_cfg = cfg.clip_svd
+    settings = cfg.training(method, dataset)
     device = resolve_device(cfg.device)
     seed_everything(seed)
 
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     model = loaded.model
-    adapter = SVDAdapter.attach(model, SVDConfig(encoders=svd_cfg.encoders,
-                                                 matrices=svd_cfg.matrices, layers=svd_cfg.layers))
+    adapter = attach_adapter(method, model, settings)
     model.to(device)
     n_model = adapter.base_num_parameters
     n_trainable = adapter.num_trainable()
-    log.info("CLIP-SVD: %d trainable singular values (%.4f%% of %d model parameters) in %d matrices",
-             n_trainable, 100 * n_trainable / n_model, n_model, len(adapter.describe()))
+    log.info("%s: %d trainable parameters (%.4f%% of %d model parameters) in %d matrices",
+             method, n_trainable, 100 * n_trainable / n_model, n_model, len(adapter.describe()))
 
     images, labels = split_images(store, split, "train")
     size = loaded.image_size
     augment = v2.Compose([
-        v2.RandomResizedCrop(size, scale=tuple(svd_cfg.crop_scale),
+        v2.RandomResizedCrop(size, scale=tuple(settings.crop_scale),
                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        *([v2.RandomHorizontalFlip()] if svd_cfg.flip else []),
+        *([v2.RandomHorizontalFlip()] if settings.flip else []),
     ])
     normalize = normalizer(loaded)
-    lr = dataset_cfg.lr or svd_cfg.lr
-    steps = total_steps(cfg, dataset, len(labels), shots)
+    lr = settings.lr
+    steps = total_steps(settings, len(labels), shots)
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, betas=(0.9, 0.999),
-                                  weight_decay=svd_cfg.weight_decay)
-    amp_dtype = autocast_dtype(svd_cfg.precision, device)
+                                  weight_decay=settings.weight_decay)
+    amp_dtype = autocast_dtype(settings.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -117,11 +126,11 @@ def adapt(cfg: StudyConfig, dataset: str, split_path: Path, store_dir: Path, out
     for step in range(steps):
         if len(order) == 0:
             order = torch.randperm(len(labels), generator=generator)
-        batch_idx, order = order[:svd_cfg.batch_size], order[svd_cfg.batch_size:]
+        batch_idx, order = order[:settings.batch_size], order[settings.batch_size:]
         batch = torch.stack([augment(images[i]) for i in batch_idx.tolist()])
         batch = normalize(batch.float().div_(255)).to(device, non_blocking=True)
         target = labels[batch_idx].to(device)
-        step_lr = cosine_lr(step, steps, lr, svd_cfg.min_lr)
+        step_lr = cosine_lr(step, steps, lr, settings.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -133,7 +142,8 @@ def adapt(cfg: StudyConfig, dataset: str, split_path: Path, store_dir: Path, out
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at step {step + 1} of {steps} (learning rate "
-                    f"{step_lr:.3g}); lower the learning rate (clip_svd.lr or datasets.*.lr)")
+                    f"{step_lr:.3g}); lower the learning rate ({method}.lr or "
+                    f"datasets.*.overrides.{method}.lr)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -151,19 +161,19 @@ def adapt(cfg: StudyConfig, dataset: str, split_path: Path, store_dir: Path, out
 
     summary = {
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,
-        "method": "clip_svd", "device": str(device), "total_steps": steps,
+        "method": method, "device": str(device), "total_steps": steps,
         "train_seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 3),
         "trainable_parameters": n_trainable, "model_parameters": n_model,
         "trainable_fraction": n_trainable / n_model, "model_fingerprint": loaded.fingerprint,
         "lr": lr, "final_loss": history[-1]["loss"] if history else None,
-        "config": {"model": asdict(cfg.model), "clip_svd": asdict(svd_cfg),
+        "config": {"model": asdict(cfg.model), method: asdict(settings),
                    "templates": list(dataset_cfg.templates), "config_hash": cfg.fingerprint()},
     }
     if device.type == "cuda":
         summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter.save(out_dir / layout.ADAPTER, {
-        "method": "clip_svd", "model_name": cfg.model.name, "model_fingerprint": loaded.fingerprint,
+        "method": method, "model_name": cfg.model.name, "model_fingerprint": loaded.fingerprint,
         "dataset": dataset, "shots": str(shots), "seed": str(seed)})
     with atomic_path(out_dir / layout.TRAIN_HISTORY) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:

@@ -9,7 +9,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from clipsvd import layout
-from clipsvd.config import ConfigError, from_dict
+from clipsvd.config import (
+    ADAPTER_METHODS,
+    FEATURE_METHODS,
+    METHODS,
+    ConfigError,
+    from_dict,
+)
 
 
 def _config_source():
@@ -33,7 +39,8 @@ NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 wildcard_constraints:
     study=NAME,
     dataset=NAME,
-    method="|".join(["zero_shot", "clip_svd"]),
+    method="|".join(METHODS),
+    model=r"[A-Za-z0-9_.-]+",
     setting="few_shot|base_to_novel",
     shots=r"\d+",
     seed=r"\d+",
@@ -66,14 +73,24 @@ def sampling_hash(wildcards):
 
 def training_hash(wildcards):
     d = STUDY.dataset(wildcards.dataset)
-    return _hash(
-        [asdict(STUDY.model), asdict(STUDY.clip_svd), d.templates, d.lr, d.epochs]
-    )
+    settings = STUDY.training(wildcards.method, wildcards.dataset)
+    return _hash([asdict(STUDY.model), asdict(settings), d.templates])
 
 
 def evaluation_hash(wildcards):
+    """The model, prompts and (for the linear probe) its settings decide an evaluation."""
     d = STUDY.dataset(wildcards.dataset)
-    return _hash([asdict(STUDY.model), d.templates, STUDY.tracking.enabled])
+    probe = (
+        asdict(STUDY.linear_probe)
+        if wildcards.get("method") == "linear_probe"
+        else None
+    )
+    return _hash([asdict(STUDY.model), d.templates, probe, STUDY.eval_batch_size])
+
+
+MODEL_SLUG = layout.model_slug(
+    STUDY.model.name, STUDY.model.pretrained, STUDY.model.init_seed
+)
 
 
 def store_files(wildcards):
@@ -93,7 +110,11 @@ def evaluation_inputs(wildcards):
         "split": layout.SPLIT.format(**wildcards),
         "store": store_files(wildcards),
     }
-    if wildcards.method != "zero_shot":
+    if wildcards.method in FEATURE_METHODS:
+        inputs["features"] = layout.FEATURES.format(
+            dataset=wildcards.dataset, model=MODEL_SLUG
+        )
+    else:
         inputs["adapter"] = f"{layout.RUN.format(**wildcards)}/{layout.ADAPTER}"
     return inputs
 
