@@ -1,4 +1,30 @@
-# Adaptation (GPU when there is one) and evaluation of every run of the study.
+# Frozen features, adaptation (GPU when there is one) and evaluation of every run.
+
+
+rule features:
+    input:
+        store_files,
+    output:
+        layout.FEATURES,
+    log:
+        "results/logs/features/{dataset}/{model}.log",
+    benchmark:
+        "results/benchmarks/features/{dataset}/{model}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+        runtime=60,
+    params:
+        cli=CLIPSVD,
+        config=CONFIG_FILE,
+        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        model=lambda w: STUDY.model,
+    shell:
+        "{params.cli} features --config {params.config:q} --store {params.store:q} "
+        "--out {output:q} --threads {threads} --log {log:q}"
 
 
 rule adapt:
@@ -14,7 +40,7 @@ rule adapt:
     benchmark:
         f"{layout.RUN}/adapt.benchmark.tsv"
     wildcard_constraints:
-        method="clip_svd",
+        method="|".join(ADAPTER_METHODS),
     conda:
         CONDA_ENV
     threads: 2
@@ -30,7 +56,7 @@ rule adapt:
         training=training_hash,
     shell:
         "{params.cli} adapt --config {params.config:q} --dataset {wildcards.dataset} "
-        "--split {input.split:q} --store {params.store:q} --run-dir {params.run_dir:q} "
+        "--method {wildcards.method} --split {input.split:q} --store {params.store:q} --run-dir {params.run_dir:q} "
         "--threads {threads} --log {log:q}"
 
 
@@ -50,6 +76,7 @@ rule evaluate:
         CONDA_ENV
     threads: 2
     resources:
+        gpu=1,
         mem_mb=4000,
         runtime=60,
     params:
@@ -57,8 +84,11 @@ rule evaluate:
         config=CONFIG_FILE,
         store=lambda w: layout.STORE.format(dataset=w.dataset),
         run_dir=lambda w, output: str(Path(output.metrics).parent),
+        features=lambda w, input: (
+            f"--features '{input.features}'" if "features" in input.keys() else ""
+        ),
         evaluation=evaluation_hash,
     shell:
         "{params.cli} evaluate --config {params.config:q} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --split {input.split:q} --store {params.store:q} "
-        "--run-dir {params.run_dir:q} --threads {threads} --log {log:q}"
+        "--run-dir {params.run_dir:q} {params.features} --threads {threads} --log {log:q}"
