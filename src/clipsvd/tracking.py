@@ -39,9 +39,13 @@ def tracking_uri(configured: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _writer_lock() -> Iterator[None]:
-    """Serialise writers on this machine: sqlite allows one, and parent runs must not double."""
-    path = Path(layout.RESULTS) / ".mlflow.lock"
+def _writer_lock(uri: str) -> Iterator[None]:
+    """Serialise writers on this machine: sqlite allows one writer (and its first use runs
+    schema migrations that must not race), and a parent run must not be created twice."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    else:
+        path = Path(layout.RESULTS) / ".mlflow.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -104,13 +108,13 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
     metrics = read_json(run_dir / layout.METRICS)
     summary_path = run_dir / layout.TRAIN_SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else {}
     run_key = "/".join(tags[k] for k in ("study", "dataset", "method", "setting", "shots", "seed"))
     content = _content_hash(run_dir)
-    with _writer_lock():
+    with _writer_lock(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, tags["study"])
         existing = client.search_runs(
             [experiment_id],
@@ -218,8 +222,8 @@ def mirror_report(study: str, report_dir: Path, uri: str | None, enabled: bool) 
     try:
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=resolved)
-        with _writer_lock():
+        with _writer_lock(resolved):
+            client = mlflow.MlflowClient(tracking_uri=resolved)
             experiment_id = _experiment_id(client, study)
             for old in client.search_runs(
                     [experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'true' and "
