@@ -8,6 +8,7 @@ The output directory appears only when complete (io.atomic_dir).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -15,7 +16,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,9 +26,10 @@ import pandas as pd
 
 from ..config import DatasetConfig, PreprocessingConfig, SplitConfig
 from ..errors import DataError
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, read_json, write_json
 from ..seeding import numpy_rng
-from .sources import SPLITS, classes_of, read_source, relative_id
+from .npz import NpzFile
+from .sources import ARRAY_COLUMNS, SPLITS, classes_of, read_source, relative_id
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ CT_WINDOWS = {"lung": (-1350.0, 150.0), "abdomen": (-160.0, 240.0), "brain": (0.
               "bone": (-450.0, 1050.0)}
 ZSCORE_RANGE = (-3.0, 3.0)  # z-scores shown: ±3 standard deviations map to 0..255
 IMAGE_KEY = "image"
+ARRAY_CHUNK = 256  # array sources: rows decompressed and handed to the threads at a time
+
+# What decides whether a prepared store is still valid (besides its input files): these
+# DatasetConfig fields, the image size and PREPARATION_VERSION, which is raised whenever a code
+# change alters the prepared images or index. Every DatasetConfig field is in one of the two
+# lists (a test checks it), so a new field needs a decision.
+PREPARATION_VERSION = 2
+PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
+                      "preprocessing", "split")
+UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides", "lr", "epochs")
+PREPARATION_RECORD = "preparation.json"  # kept next to the store's outputs, read on rebuild
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -60,6 +73,8 @@ def resolve_window(window: Any) -> tuple[float, float]:
 
 def reader_kind(path: str) -> str:
     """Which MONAI reader a file needs: by suffix, else by the DICOM magic bytes."""
+    if os.path.isdir(path):
+        return "dicom"  # a one-series folder of DICOM slices, read as one volume
     name = path.lower()
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
@@ -110,6 +125,27 @@ class Pipeline:
             raise ValueError(f"expected a 2D image or 3D volume, got array shape {array.shape}")
         return array
 
+    def load_array(self, array: np.ndarray, layout: str) -> np.ndarray:
+        """An array source's row as the readers give files: float32 (C, x, y) or (1, x, y, z).
+
+        ``layout`` names the row's axes: hw (grey), hwc (channels last) or dhw / dhw1 (volume);
+        rows are image rows first, MONAI readers index (x, y) = (column, row).
+        """
+        from monai.transforms import EnsureChannelFirst
+        from monai.utils import convert_to_numpy
+
+        array = np.array(array, dtype=np.float32)
+        if layout == "hw":
+            image = EnsureChannelFirst(channel_dim="no_channel")(array.T)
+        elif layout == "hwc":
+            image = EnsureChannelFirst(channel_dim=-1)(array.transpose(1, 0, 2))
+        elif layout in ("dhw", "dhw1"):
+            volume = array[..., 0] if layout == "dhw1" else array
+            image = EnsureChannelFirst(channel_dim="no_channel")(volume.transpose(2, 1, 0))
+        else:
+            raise ValueError(f"unknown array layout {layout!r}")
+        return convert_to_numpy(image).astype(np.float32, copy=False)
+
     def slice_indices(self, depth: int) -> list[int]:
         if self.slices == "center":
             return [depth // 2]
@@ -147,7 +183,8 @@ def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
         return transform
 
     readers = {"pil": (PILReader, {"reverse_indexing": True}),
-               "dicom": (PydicomReader, {"swap_ij": True}),  # applies RescaleSlope/Intercept
+               # applies RescaleSlope/Intercept; a folder is one series (DICOM files only)
+               "dicom": (PydicomReader, {"swap_ij": True, "fname_regex": None}),
                "nifti": (NibabelReader, {})}
     loaders = {}
     for kind, (reader_cls, kwargs) in readers.items():
@@ -160,6 +197,10 @@ def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
                     for kind, (cls, kwargs) in readers.items()},
         "dtype": "float32"}})
     steps.append({"transform": "EnsureChannelFirstd", "params": {}})
+    steps.append({"transform": "EnsureChannelFirst", "params": {
+        "applies_to": "array sources (MedMNIST npz), instead of LoadImaged",
+        "channel_dim": "no_channel (grey, volumes) or -1 (RGB)",
+        "axes": "rows (H, W[, C]) -> (C, x, y); volumes (D, H, W) -> (1, x, y, z)"}})
     steps.append({"transform": "slice", "params": {
         "policy": pre.slices, "slice_step": pre.slice_step, "axis": "last spatial axis",
         "applies_to": "3D volumes"}})
@@ -314,8 +355,110 @@ class _NpyStream:
 
 
 def _fingerprint(path: str) -> dict[str, Any]:
-    stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """Size and modification time of a file; of a series folder, over its files."""
+    if not os.path.isdir(path):
+        stat = os.stat(path)
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    entries = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                     for entry in os.scandir(path) if entry.is_file())
+    return {"files": len(entries), "size": sum(e[1] for e in entries),
+            "mtime_ns": max((e[2] for e in entries), default=0),
+            "digest": hashlib.sha256(repr(entries).encode()).hexdigest()[:16]}
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def preparation_parameters(dataset: DatasetConfig, image_size: int) -> dict[str, Any]:
+    """Everything besides the input files that a prepared store depends on (plain JSON)."""
+    values = asdict(dataset)
+    params = {name: values[name] for name in PREPARATION_FIELDS if name in values}
+    params["image_size"] = int(image_size)
+    params["preparation_version"] = PREPARATION_VERSION
+    return _plain(params)
+
+
+def preparation_fingerprint(dataset: DatasetConfig, image_size: int) -> str:
+    """A short hash of ``preparation_parameters``: equal hashes, interchangeable stores.
+
+    The workflow passes it as a param of the prepare rule, so a change re-prepares the store
+    and a change elsewhere (templates, sampling, training) does not.
+    """
+    text = json.dumps(preparation_parameters(dataset, image_size), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def _rebuild_record(out_dir: Path, fingerprint: str, params: dict[str, Any],
+                    inputs_digest: str, n_files: int) -> dict[str, Any]:
+    """Why this store is (re)built, compared with the record a previous store left behind."""
+    previous = None
+    for name in (PREPARATION_RECORD, "provenance.json"):
+        try:
+            previous = read_json(out_dir / name)
+            break
+        except (OSError, ValueError):
+            continue
+    record = {"fingerprint": fingerprint, "previous_fingerprint": None,
+              "changed_parameters": [], "inputs_changed": None}
+    if not isinstance(previous, dict) or "fingerprint" not in previous:
+        record["reason"] = ("no previous store" if previous is None else
+                            "the previous store has no preparation record")
+        return record
+    old_params = _flatten(previous.get("parameters", {}))
+    new_params = _flatten(params)
+    changed = sorted(k for k in set(old_params) | set(new_params)
+                     if old_params.get(k, "<unset>") != new_params.get(k, "<unset>"))
+    old_inputs = previous.get("inputs_fingerprint")
+    inputs_changed = old_inputs != inputs_digest
+    record.update(previous_fingerprint=previous["fingerprint"], changed_parameters=changed,
+                  inputs_changed=inputs_changed)
+    reasons = []
+    if changed:
+        reasons.append(f"preparation parameters changed: {', '.join(changed)}")
+    if inputs_changed:
+        reasons.append(f"input files changed ({previous.get('n_files', '?')} -> {n_files} "
+                       "files, or sizes / modification times differ)")
+    record["reason"] = "; ".join(reasons) or "same parameters and inputs: rebuilt on request"
+    return record
+
+
+class _ArrayRows:
+    """Rows of the arrays of array sources, decompressed in order, one reader per array."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, NpzFile] = {}
+        self.readers: dict[tuple[str, str], tuple[Iterator[np.ndarray], int]] = {}
+
+    def get(self, path: str, key: str, index: int) -> np.ndarray:
+        reader, position = self.readers.get((path, key), (None, 0))
+        if reader is None or position > index:
+            if path not in self.files:
+                self.files[path] = NpzFile(path)
+            reader, position = self.files[path].rows(key, index), index
+        while position < index:
+            next(reader)
+            position += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: array '{key}' has no row {index}; the file changed "
+                            "while preparing, prepare again") from None
+        self.readers[(path, key)] = (reader, index + 1)
+        return row
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
 
 
 def _versions() -> dict[str, str]:
@@ -369,21 +512,39 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
     pipeline = build_pipeline(pre, image_size)  # also validates the settings up front
     per_thread = threading.local()  # MONAI readers keep per-read state: one chain per thread
     records = table.to_dict("records")
-    extra_columns = [c for c in table.columns if c not in ("source_path", "label", "class_name",
-                                                           "split", "group")]
+    extra_columns = [c for c in table.columns
+                     if c not in ("source_path", "label", "class_name", "split", "group")
+                     and c not in ARRAY_COLUMNS]
+    arrays = _ArrayRows()
+
+    def load(record: dict) -> dict:
+        """An array source's row goes along with its record; a file is read by the worker."""
+        if not isinstance(record.get("array_key"), str):
+            return record
+        row = arrays.get(record["source_path"], record["array_key"], int(record["array_index"]))
+        return {**record, "array": row}
 
     def work(record: dict) -> tuple[list[tuple[int | None, np.ndarray]], str | None]:
         if not hasattr(per_thread, "pipeline"):
             per_thread.pipeline = build_pipeline(pre, image_size)
         chain = per_thread.pipeline
         try:
-            volume = chain.load(record["source_path"])
+            if "array" in record:
+                volume = chain.load_array(record["array"], record["array_layout"])
+            else:
+                volume = chain.load(record["source_path"])
         except Exception as exc:  # any reader failure means the file is unusable as given
             return [], _one_line(exc)
         if volume.ndim == 3:
             return [(None, chain.finish(volume))], None
         indices = chain.slice_indices(volume.shape[-1])
         return [(z, chain.finish(volume[..., z])) for z in indices], None
+
+    def sample_id(record: dict) -> str:
+        given = record.get("sample_id")
+        if isinstance(given, str) and given:
+            return given
+        return relative_id(record["source_path"], root)
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -394,32 +555,41 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
         stream = _NpyStream(tmp / "images.npy", (3, int(image_size), int(image_size)))
         try:
             with ThreadPool(max(1, int(threads))) as pool:
-                for done, (record, (images, error)) in enumerate(
-                        zip(records, pool.imap(work, records)), start=1):
-                    if error is not None:
-                        if pre.on_error == "stop":
-                            raise DataError(f"{record['source_path']}: cannot read the image "
-                                            f"({error}); fix or remove the file, or set "
-                                            "preprocessing.on_error: skip")
-                        log.warning("skipping unreadable %s (%s)", record["source_path"], error)
-                        skipped.append({"source_path": record["source_path"], "error": error})
-                    base_id = relative_id(record["source_path"], root)
-                    for z, image in images:
-                        stream.append(image)
-                        rows.append({
-                            "sample_id": base_id if z is None else f"{base_id}#z{z:03d}",
-                            "source_path": record["source_path"], "label": record["label"],
-                            "class_name": record["class_name"], "split": record["split"],
-                            "group": record["group"], "slice": "" if z is None else z,
-                            **{c: record[c] for c in extra_columns}})
-                    now = time.monotonic()
-                    if now - last_log >= 10 or done == total:
-                        rate = done / max(now - start, 1e-9)
-                        log.info("prepared %d/%d files (%.1f files/s, ETA %s)", done, total,
-                                 rate, _format_eta((total - done) / max(rate, 1e-9)))
-                        last_log = now
+                done = 0
+                for first in range(0, total, ARRAY_CHUNK):
+                    chunk = records[first:first + ARRAY_CHUNK]
+                    results = pool.imap(work, [load(record) for record in chunk])
+                    for record, (images, error) in zip(chunk, results):
+                        done += 1
+                        base_id = sample_id(record)
+                        if error is not None:
+                            where = record["source_path"]
+                            if isinstance(record.get("array_key"), str):
+                                where = f"{where} ({base_id})"
+                            if pre.on_error == "stop":
+                                raise DataError(f"{where}: cannot read the image ({error}); fix "
+                                                "or remove the file, or set "
+                                                "preprocessing.on_error: skip")
+                            log.warning("skipping unreadable %s (%s)", where, error)
+                            skipped.append({"source_path": record["source_path"],
+                                            "sample_id": base_id, "error": error})
+                        for z, image in images:
+                            stream.append(image)
+                            rows.append({
+                                "sample_id": base_id if z is None else f"{base_id}#z{z:03d}",
+                                "source_path": record["source_path"], "label": record["label"],
+                                "class_name": record["class_name"], "split": record["split"],
+                                "group": record["group"], "slice": "" if z is None else z,
+                                **{c: record[c] for c in extra_columns}})
+                        now = time.monotonic()
+                        if now - last_log >= 10 or done == total:
+                            rate = done / max(now - start, 1e-9)
+                            log.info("prepared %d/%d samples (%.1f samples/s, ETA %s)", done,
+                                     total, rate, _format_eta((total - done) / max(rate, 1e-9)))
+                            last_log = now
         finally:
             stream.close()
+            arrays.close()
         if not rows:
             raise DataError(f"{root}: none of the {total} images of dataset '{dataset.name}' "
                             "could be read; check the files and preprocessing settings")
@@ -431,18 +601,27 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
                             "duplicate rows from the manifest")
         index.to_csv(tmp / "index.csv", index=False, encoding="utf-8", lineterminator="\n")
         write_json(tmp / "classes.json", {"classes": classes})
-        fingerprints = {relative_id(r["source_path"], root): _fingerprint(r["source_path"])
-                        for r in records}
+        sources = sorted({r["source_path"] for r in records})
+        fingerprints = {relative_id(path, root): _fingerprint(path) for path in sources}
         digest = hashlib.sha256(repr(sorted(fingerprints.items())).encode()).hexdigest()
+        params = preparation_parameters(dataset, image_size)
+        fingerprint = preparation_fingerprint(dataset, image_size)
+        rebuild = _rebuild_record(out_dir, fingerprint, params, digest, len(fingerprints))
+        write_json(tmp / PREPARATION_RECORD, {
+            "fingerprint": fingerprint, "parameters": params, "inputs_fingerprint": digest,
+            "n_files": len(fingerprints)})
         write_json(tmp / "provenance.json", {
             "dataset": dataset.name,
-            "source": {"format": dataset.format, "root": str(root), "manifest": dataset.manifest},
+            "source": {"format": dataset.format, "root": str(root), "manifest": dataset.manifest,
+                       "medmnist": asdict(dataset.medmnist) if dataset.medmnist else None,
+                       "split_file": dataset.split_file, "image_dir": dataset.image_dir},
             "image_size": int(image_size),
             "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in vars(pre).items()},
             "transforms": pipeline.steps,
             "split": split_origin,
-            "n_files": total,
+            "n_files": len(fingerprints),
+            "n_samples": total,
             "n_images": len(rows),
             "n_classes": len(classes),
             "images_per_split": {s: int((index["split"] == s).sum()) for s in SPLITS},
@@ -450,10 +629,16 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             "threads": int(threads),
             "seconds": round(elapsed, 3),
             "images_per_second": round(len(rows) / max(elapsed, 1e-9), 2),
+            "fingerprint": fingerprint,
+            "parameters": params,
+            "inputs_fingerprint": digest,
+            "rebuild": rebuild,
             "inputs": {"fingerprint": digest, "method": "size and mtime_ns per file",
                        "files": fingerprints},
             "versions": _versions(),
         })
-    log.info("prepared %d images of %d classes from %d files in %.1f s (%.1f images/s)%s -> %s",
+    if rebuild["previous_fingerprint"] is not None:
+        log.info("rebuilt %s: %s", out_dir, rebuild["reason"])
+    log.info("prepared %d images of %d classes from %d samples in %.1f s (%.1f images/s)%s -> %s",
              len(rows), len(classes), total, elapsed, len(rows) / max(elapsed, 1e-9),
              f", {len(skipped)} skipped" if skipped else "", out_dir)

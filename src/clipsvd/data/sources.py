@@ -1,19 +1,31 @@
-"""Dataset sources (class folders, CSV manifests) read into one sample table.
+"""Dataset sources (class folders, CSV manifests, MedMNIST npz, CoOp split JSON) -> one table.
 
 Every later step sees the same columns whatever the source format, so format quirks stay here:
-``source_path`` (absolute), ``label`` (int, position in the sorted class list), ``class_name``,
+``source_path`` (absolute), ``label`` (int, position in the class list), ``class_name``,
 ``split`` (train/val/test, or "" when the source has none), ``group`` (patient or volume; a
 sample without one is its own group), plus any extra manifest columns.
+
+Sources whose samples are not one file each add the columns in ``ARRAY_COLUMNS``: a
+``sample_id`` of their own and, for arrays inside a file (MedMNIST), the array's name and row.
+A source whose class list is fixed by the source itself (MedMNIST INFO, a CoOp split file)
+stores it in ``table.attrs["classes"]`` so a class without samples keeps its label.
 """
 from __future__ import annotations
 
+import json
 import os
+import zipfile
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..config import DatasetConfig
 from ..errors import DataError
+from .npz import NpzFile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom",
                   ".nii", ".nii.gz")
@@ -21,6 +33,10 @@ SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 COLUMNS = ["source_path", "label", "class_name", "split", "group"]
+# Columns of sources whose samples are not one file each; not kept as extra index columns.
+ARRAY_COLUMNS = ["sample_id", "array_key", "array_index", "array_layout"]
+DICOM_SUFFIXES = (".dcm", ".dicom")
+MEDMNIST_SIZES = (28, 64, 128, 224)
 
 
 def is_image_file(path: Path) -> bool:
@@ -51,6 +67,48 @@ def _relative_id(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+def _series_uid(path: Path) -> str | None:
+    """The DICOM file's SeriesInstanceUID, or None when the header cannot be read."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID"])
+    except Exception:  # an unreadable file is reported by the reader at preparation
+        return None
+    uid = getattr(header, "SeriesInstanceUID", None)
+    return str(uid) if uid else None
+
+
+def is_dicom_series_dir(path: Path) -> bool:
+    """A folder holding two or more DICOM files (by suffix) and no other image files."""
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and is_image_file(p)]
+    return len(files) >= 2 and all(p.name.lower().endswith(DICOM_SUFFIXES) for p in files)
+
+
+def _collapse_series(files: list[Path], class_dir: Path) -> list[Path]:
+    """Replace the slices of each one-series sub-folder by the folder (one volume sample).
+
+    A sub-folder counts as a series when it holds only DICOM images, at least two, that all
+    share one SeriesInstanceUID; DICOM files directly in the class folder stay 2D samples.
+    """
+    by_parent: dict[Path, list[Path]] = {}
+    for path in files:
+        if path.parent != class_dir and path.name.lower().endswith(DICOM_SUFFIXES):
+            by_parent.setdefault(path.parent, []).append(path)
+    series = set()
+    for parent, slices in by_parent.items():
+        if not is_dicom_series_dir(parent):
+            continue
+        uids = {_series_uid(p) for p in slices}
+        if len(uids) == 1 and None not in uids:
+            series.add(parent)
+    kept = [p for p in files if p.parent not in series]
+    return sorted(kept + sorted(series))
+
+
 def _read_folder(root: Path) -> pd.DataFrame:
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                         key=lambda p: p.name)
@@ -67,6 +125,7 @@ def _read_folder(root: Path) -> pd.DataFrame:
         if not files:
             raise DataError(f"{class_dir}: class folder '{class_dir.name}' holds no images "
                             f"(looked for {', '.join(IMAGE_SUFFIXES)}); add images or remove it")
+        files = _collapse_series(files, class_dir)
         for path in files:
             rows.append({"source_path": str(path), "label": label, "class_name": class_dir.name,
                          "split": "", "group": _relative_id(path, root)})
@@ -130,12 +189,18 @@ def _read_csv(root: Path, manifest_name: str | None) -> pd.DataFrame:
         raise DataError(f"{manifest}: the manifest lists no images; add rows path,label")
     paths = [Path(p.strip()) if Path(p.strip()).is_absolute() else root / p.strip()
              for p in frame["path"]]
-    missing = [(i, p) for i, p in enumerate(paths) if not p.is_file()]
+    missing = [(i, p) for i, p in enumerate(paths) if not p.is_file() and not p.is_dir()]
     if missing:
         line, path = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{manifest}: line {line + 2} names a file that does not exist: "
                         f"{path}{more}; fix the path (relative to {root}) or remove the row")
+    folders = [(i, p) for i, p in enumerate(paths) if p.is_dir() and not is_dicom_series_dir(p)]
+    if folders:
+        line, path = folders[0]
+        raise DataError(f"{manifest}: line {line + 2} names a folder that is not a DICOM series "
+                        f"(two or more .dcm files and no other images): {path}; name a file "
+                        "or a one-series folder")
     resolved = pd.Series([str(p.resolve()) for p in paths])
     if resolved.duplicated().any():
         line = int(resolved.duplicated().idxmax()) + 2
@@ -166,6 +231,199 @@ def _read_csv(root: Path, manifest_name: str | None) -> pd.DataFrame:
     return table
 
 
+@lru_cache(maxsize=1)
+def _medmnist_info() -> dict[str, Any]:
+    text = resources.files("clipsvd").joinpath("resources", "medmnist_labels.json").read_text(
+        encoding="utf-8")
+    return json.loads(text)["flags"]
+
+
+def medmnist_labels(flag: str) -> list[str]:
+    """The label names of a MedMNIST flag in index order (medmnist's INFO[flag]["label"])."""
+    info = _medmnist_info()
+    if flag not in info:
+        raise DataError(f"medmnist.flag: unknown MedMNIST dataset {flag!r}; use one of "
+                        f"{', '.join(info)}")
+    return list(info[flag]["labels"])
+
+
+def medmnist_file(root: Path, flag: str, size: int) -> Path:
+    """``<flag>.npz`` for 28 px, ``<flag>_<size>.npz`` for the larger sizes."""
+    return root / (f"{flag}.npz" if int(size) == 28 else f"{flag}_{int(size)}.npz")
+
+
+def _read_medmnist(root: Path, flag: str, size: int) -> pd.DataFrame:
+    info = _medmnist_info().get(flag)
+    classes = medmnist_labels(flag)
+    path = medmnist_file(root, flag, size)
+    if int(size) not in MEDMNIST_SIZES:
+        raise DataError(f"{path}: medmnist.size {size} is not a MedMNIST size; use one of "
+                        f"{', '.join(map(str, MEDMNIST_SIZES))}")
+    if info["task"].startswith("multi-label"):
+        raise DataError(f"{path}: {flag} is a multi-label dataset ({info['task']}); clipsvd does "
+                        "single-label classification only, choose another MedMNIST flag")
+    if not path.is_file():
+        sizes = ", ".join(map(str, info["sizes"]))
+        raise DataError(f"{path}: MedMNIST file not found; put {path.name} (from the MedMNIST "
+                        f"release, sizes {sizes} for {flag}) in {root}, or fix medmnist.size")
+    volumes = bool(info["volumes"])
+    frames = []
+    with NpzFile(path) as npz:
+        for split in SPLITS:
+            shape, dtype, _ = npz.header(f"{split}_images")
+            labels = npz.read(f"{split}_labels")
+            if labels.ndim == 2 and labels.shape[1] > 1:
+                raise DataError(f"{path}: {split}_labels has shape {labels.shape}, i.e. "
+                                f"{labels.shape[1]} labels per image (multi-label); clipsvd does "
+                                "single-label classification only")
+            label_shape = labels.shape
+            labels = labels.reshape(-1) if labels.ndim <= 2 else labels
+            if labels.ndim != 1 or len(labels) != shape[0]:
+                raise DataError(f"{path}: {split}_labels has shape {label_shape} but "
+                                f"{split}_images holds {shape[0]} images; expected N×1 labels, "
+                                "one per image")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"{path}: {split}_labels are {labels.dtype}, not integer class "
+                                "ids; use the file as published")
+            if dtype.kind not in "uif":
+                raise DataError(f"{path}: {split}_images hold {dtype} values, not numbers")
+            if volumes:
+                layouts = {4: "dhw", 5: "dhw1"}
+            else:
+                layouts = {3: "hw", 4: "hwc"}
+            layout = layouts.get(len(shape))
+            if layout is None or (layout == "hwc" and shape[-1] not in (1, 3)) \
+                    or (layout == "dhw1" and shape[-1] != 1):
+                expected = "N×D×H×W" if volumes else "N×H×W or N×H×W×3"
+                raise DataError(f"{path}: {split}_images has shape {shape}; {flag} needs "
+                                f"{expected}")
+            bad = labels[(labels < 0) | (labels >= len(classes))]
+            if len(bad):
+                raise DataError(f"{path}: {split}_labels holds label {int(bad[0])}, which has no "
+                                f"name in MedMNIST's INFO['{flag}'] ({len(classes)} labels: "
+                                f"0..{len(classes) - 1}); check the file matches medmnist.flag")
+            ids = [f"{split}/{i:06d}" for i in range(len(labels))]
+            frames.append(pd.DataFrame({
+                "source_path": str(path), "label": labels.astype(int),
+                "class_name": [classes[int(v)] for v in labels], "split": split,
+                "group": ids, "sample_id": ids, "array_key": f"{split}_images",
+                "array_index": np.arange(len(labels)), "array_layout": layout}))
+    table = pd.concat(frames, ignore_index=True)
+    table.attrs["classes"] = classes
+    return table
+
+
+def _find_split_file(root: Path, split_file: str | None) -> Path:
+    if split_file:
+        path = root / split_file
+        if not path.is_file():
+            raise DataError(f"{path}: split file not found; put it in {root} or fix the "
+                            "dataset's 'split_file' key")
+        return path
+    found = sorted(p for p in root.glob("split_*.json") if p.is_file())
+    if not found:
+        raise DataError(f"{root}: no split_<NAME>.json found; format 'coop_json' expects the "
+                        "CoOp/BiomedCoOp split file in root (or set 'split_file')")
+    if len(found) > 1:
+        raise DataError(f"{root}: several split files ({', '.join(p.name for p in found)}); "
+                        "choose one with the dataset's 'split_file' key")
+    return found[0]
+
+
+def _coop_entries(path: Path, data: Any) -> list[tuple[str, str, int, str, int]]:
+    """(split, relative path, label, class name, position) of every entry, checked."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected an object with keys train, val, test")
+    missing = [split for split in SPLITS if not isinstance(data.get(split), list)]
+    if missing:
+        raise DataError(f"{path}: needs a list under '{missing[0]}' (has keys: "
+                        f"{', '.join(map(str, data))}); keys train, val and test are required")
+    entries = []
+    for split in SPLITS:
+        for position, entry in enumerate(data[split]):
+            where = f"{path}: entry {position} of '{split}'"
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise DataError(f"{where} is {json.dumps(entry)[:80]}; every entry must be "
+                                "[relative_image_path, integer_label, \"class name\"]")
+            rel, label, name = entry
+            if not isinstance(rel, str) or not rel.strip():
+                raise DataError(f"{where} has no image path; give a path relative to the "
+                                "image folder")
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise DataError(f"{where} has label {label!r}; labels must be integers")
+            if not isinstance(name, str) or not name.strip():
+                raise DataError(f"{where}: label {label} has no class name; give every entry "
+                                "its class name")
+            entries.append((split, rel, label, name, position))
+    if not entries:
+        raise DataError(f"{path}: the split file lists no images")
+    return entries
+
+
+def _coop_image_dir(root: Path, split_path: Path, image_dir: str | None,
+                    first: str) -> Path:
+    """Where the split's relative paths start: the configured folder, else root/<NAME> (the
+    CoOp layout) when the first image is there, else root."""
+    if image_dir:
+        base = root / image_dir
+        if not base.is_dir():
+            raise DataError(f"{base}: image folder not found; fix the dataset's 'image_dir' key "
+                            f"(relative to {root})")
+        return base
+    name = split_path.stem[len("split_"):]
+    for base in (root / name, root):
+        if name and (base / first).exists():
+            return base
+    return root
+
+
+def _read_coop(root: Path, split_file: str | None, image_dir: str | None) -> pd.DataFrame:
+    path = _find_split_file(root, split_file)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                        f"{exc.msg}); fix the file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save the split file as UTF-8") from None
+    entries = _coop_entries(path, data)
+    names: dict[int, str] = {}
+    for split, _, label, name, position in entries:
+        if names.setdefault(label, name) != name:
+            raise DataError(f"{path}: label {label} is named both {names[label]!r} and "
+                            f"{name!r} (entry {position} of '{split}'); give each label one name")
+    wanted = list(range(len(names)))
+    if sorted(names) != wanted:
+        gap = sorted(set(range(max(names) + 1)) - set(names))
+        bad = gap[0] if gap else min(names)
+        raise DataError(f"{path}: labels must be 0..{len(names) - 1} with no gaps; label {bad} "
+                        "has no entry and so no class name; fix the split file")
+    classes = [names[i] for i in wanted]
+    _check_unique(classes, str(path))
+    base = _coop_image_dir(root, path, image_dir, entries[0][1])
+    rows, seen, missing = [], {}, []
+    for split, rel, label, name, position in entries:
+        image = base / rel
+        if not image.is_file() and not is_dicom_series_dir(image):
+            missing.append((split, position, image))
+            continue
+        key = str(image.resolve())
+        if key in seen:
+            raise DataError(f"{path}: {rel} is listed twice ({seen[key]} and entry {position} "
+                            f"of '{split}'); remove the duplicate entry")
+        seen[key] = f"entry {position} of '{split}'"
+        rows.append({"source_path": key, "label": label, "class_name": name, "split": split,
+                     "group": _relative_id(image, root)})
+    if missing:
+        split, position, image = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{path}: entry {position} of '{split}' names a file that does not "
+                        f"exist: {image}{more}; put the images under {base} or set 'image_dir'")
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["classes"] = classes
+    return table
+
+
 def read_source(dataset: DatasetConfig) -> pd.DataFrame:
     """Read the dataset's source into the sample table; DataError for anything a user must fix."""
     root = Path(dataset.root).expanduser()
@@ -178,17 +436,48 @@ def read_source(dataset: DatasetConfig) -> pd.DataFrame:
         table = _read_folder(root)
     elif dataset.format == "csv":
         table = _read_csv(root, dataset.manifest)
+    elif dataset.format == "medmnist":
+        if dataset.medmnist is None:
+            raise DataError(f"dataset '{dataset.name}': format 'medmnist' needs the 'medmnist' "
+                            "key ({flag, size})")
+        table = _read_medmnist(root, dataset.medmnist.flag, dataset.medmnist.size)
+    elif dataset.format == "coop_json":
+        table = _read_coop(root, dataset.split_file, dataset.image_dir)
     else:
         raise DataError(f"dataset '{dataset.name}': unknown format {dataset.format!r}; "
-                        "use 'folder' or 'csv'")
+                        "use folder, csv, medmnist or coop_json")
     if table.empty:
         raise DataError(f"{root}: dataset '{dataset.name}' has no images")
+    classes = table.attrs.get("classes")
     table["label"] = table["label"].astype(int)
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    if classes is not None:
+        table.attrs["classes"] = list(classes)
+    return table
+
+
+def index_files(dataset: DatasetConfig) -> list[str]:
+    """The file that lists the dataset's samples (manifest, MedMNIST npz, CoOp split file),
+    for the workflow to declare as an input; [] for class folders or when it is not there yet
+    (preparation then names what is missing)."""
+    root = Path(dataset.root).expanduser()
+    if dataset.format == "csv" and dataset.manifest:
+        path = root / dataset.manifest
+    elif dataset.format == "medmnist" and dataset.medmnist is not None:
+        path = medmnist_file(root, dataset.medmnist.flag, dataset.medmnist.size)
+    elif dataset.format == "coop_json":
+        found = ([root / dataset.split_file] if dataset.split_file
+                 else sorted(root.glob("split_*.json")) if root.is_dir() else [])
+        path = found[0] if len(found) == 1 else None
+    else:
+        path = None
+    return [str(path)] if path is not None and path.is_file() else []
 
 
 def classes_of(table: pd.DataFrame) -> list[str]:
     """The class list in label order (label i is classes[i])."""
+    if table.attrs.get("classes") is not None:
+        return list(table.attrs["classes"])
     pairs = table[["label", "class_name"]].drop_duplicates().sort_values("label")
     return pairs["class_name"].tolist()
 
