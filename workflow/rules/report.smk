@@ -1,4 +1,5 @@
-# The study's report: tables and the accuracy-versus-shots figure.
+# The study's report: tables (CSV, Markdown, LaTeX), figures, statistics and one HTML page
+# (docs/report.md lists the files). The report folder is also logged to MLflow.
 
 
 rule report:
@@ -16,6 +17,38 @@ rule report:
             caption="../report/accuracy_plot.rst",
             category="Results",
         ),
+        html=report(
+            f"{layout.REPORT}/{layout.REPORT_HTML}",
+            caption="../report/report_html.rst",
+            category="Report",
+        ),
+        comparison=report(
+            f"{layout.REPORT}/comparison.csv",
+            caption="../report/comparison.rst",
+            category="Statistics",
+        ),
+        tables=[
+            report(path, caption="../report/setting_table.rst", category="Tables")
+            for path in layout.report_paths(
+                layout.REPORT_SETTING_TABLE, STUDY.settings, ext="csv"
+            )
+        ],
+        confusion=[
+            report(path, caption="../report/confusion.rst", category="Figures")
+            for path in layout.report_paths(
+                layout.REPORT_CONFUSION,
+                STUDY.settings,
+                [d.name for d in STUDY.datasets],
+            )
+        ],
+        reliability=[
+            report(path, caption="../report/reliability.rst", category="Figures")
+            for path in layout.report_paths(layout.REPORT_RELIABILITY, STUDY.settings)
+        ],
+        latex=layout.report_paths(
+            layout.REPORT_SETTING_TABLE, STUDY.settings, ext="tex"
+        ),
+        provenance=f"{layout.REPORT}/{layout.REPORT_PROVENANCE}",
     log:
         "results/logs/report/{study}.log",
     conda:

@@ -1,0 +1,211 @@
+"""Figures of the report (PNG): accuracy versus shots, confusion matrices, reliability curves."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import layout
+from ..io import atomic_path, read_json
+from .aggregate import AVERAGE, SETTING_LABELS, method_label, method_rank
+
+FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
+        "xtick.labelsize": 10, "ytick.labelsize": 10}
+RELIABILITY_BINS = 10
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(FONT)
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _colors(methods) -> dict[str, str]:
+    palette = {"zero_shot": "#555555", "linear_probe": "#1f77b4", "clip_lora": "#2ca02c",
+               "comp_lora": "#9467bd", "clip_svd": "#d62728"}
+    extra = iter(["#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"])
+    return {m: palette.get(m) or next(extra, "#000000") for m in methods}
+
+
+def accuracy_vs_shots(summary: pd.DataFrame, average: pd.DataFrame, path: Path) -> None:
+    """One panel per (setting, dataset) plus an 'Average' panel per setting (when there is more
+    than one dataset); a line per method with a ± std band; zero-shot a marker at K = 0 and a
+    dashed line. The K axis is evenly spaced (0, 1, 2, 4, …)."""
+    plt = _pyplot()
+    panels = []
+    for setting in sorted(summary.setting.unique(), key=lambda s: s != "few_shot"):
+        part = summary[summary.setting == setting]
+        datasets = sorted(part.dataset.unique())
+        if len(datasets) > 1:
+            panels.append((setting, AVERAGE, average[average.setting == setting]))
+        panels += [(setting, d, part[part.dataset == d]) for d in datasets]
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.3 * rows), squeeze=False)
+    colors = _colors(sorted(summary.method.unique(), key=method_rank))
+    for ax, (setting, dataset, part) in zip(axes.flat, panels):
+        ks = sorted(part.shots.unique())
+        pos = {k: i for i, k in enumerate(ks)}
+        for method in sorted(part.method.unique(), key=method_rank):
+            rows_m = part[part.method == method].sort_values("shots")
+            x = np.array([pos[k] for k in rows_m.shots])
+            mean, std = 100 * rows_m["mean"].to_numpy(), 100 * rows_m["std"].to_numpy()
+            color = colors[method]
+            if method == "zero_shot":
+                ax.axhline(mean[0], linestyle="--", color=color, linewidth=1.2)
+                ax.plot(x, mean, marker="s", markersize=8, linestyle="none", color=color,
+                        label=f"{method_label(method)} (K=0)")
+                continue
+            ax.plot(x, mean, marker="o", color=color, label=method_label(method))
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=color, linewidth=0)
+        ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_xlabel("shots per class (K)")
+        ylabel = "HM of base/novel accuracy (%)" if setting == "base_to_novel" else "accuracy (%)"
+        ax.set_ylabel(ylabel)
+        title = "Average over datasets" if dataset == AVERAGE else dataset
+        ax.set_title(f"{title} — {SETTING_LABELS.get(setting, setting)}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    _save(fig, path)
+
+
+def _confusion_groups(setting: str) -> list[tuple[str, str]]:
+    """(metrics key prefix, label) of the confusion matrices a run of the setting has."""
+    if setting == "base_to_novel":
+        return [("base_", "base classes"), ("novel_", "novel classes")]
+    return [("", "")]
+
+
+def confusion_matrices(runs: pd.DataFrame, best: dict, dataset: str, setting: str,
+                       path: Path) -> list[dict]:
+    """One panel per method (columns) and class group (rows: base/novel for base-to-novel): the
+    confusion matrix at the method's best K, summed over that K's seeds, shown row-normalised
+    (% of the true class) with counts. Returns what was drawn (method, shots, seeds)."""
+    plt = _pyplot()
+    part = runs[(runs.dataset == dataset) & (runs.setting == setting)]
+    methods = sorted(part.method.unique(), key=method_rank)
+    groups = _confusion_groups(setting)
+    drawn = []
+    matrices = {}
+    for method in methods:
+        k = best[(dataset, setting, method)]
+        chosen = part[(part.method == method) & (part.shots == k)]
+        drawn.append({"method": method, "shots": k, "seeds": sorted(chosen.seed.tolist())})
+        for prefix, _ in groups:
+            total, names = None, None
+            for run_dir in chosen.run_dir:
+                metrics = read_json(Path(run_dir) / layout.METRICS)
+                if f"{prefix}confusion_matrix" not in metrics:
+                    continue
+                cm = np.asarray(metrics[f"{prefix}confusion_matrix"], dtype=float)
+                total = cm if total is None else total + cm
+                names = metrics.get(f"{prefix}class_names") or [str(i) for i in range(len(cm))]
+            matrices[(method, prefix)] = (total, names)
+    n_classes = max((len(n) for _, n in matrices.values() if n), default=2)
+    size = max(3.6, 0.55 * n_classes + 2.2)
+    fig, axes = plt.subplots(len(groups), len(methods), figsize=(size * len(methods), size *
+                             len(groups)), squeeze=False)
+    for col, (method, info) in enumerate(zip(methods, drawn)):
+        for row, (prefix, group_label) in enumerate(groups):
+            ax = axes[row][col]
+            total, names = matrices[(method, prefix)]
+            if total is None:
+                ax.set_axis_off()
+                continue
+            support = total.sum(axis=1, keepdims=True)
+            share = np.divide(total, support, out=np.zeros_like(total), where=support > 0)
+            ax.imshow(100 * share, cmap="Blues", vmin=0, vmax=100)
+            for i in range(total.shape[0]):
+                for j in range(total.shape[1]):
+                    ax.text(j, i, f"{100 * share[i, j]:.0f}%\n({int(total[i, j])})", ha="center",
+                            va="center", fontsize=8 if n_classes > 6 else 9,
+                            color="white" if share[i, j] > 0.6 else "black")
+            ticks = range(len(names))
+            ax.set_xticks(ticks, names, rotation=45, ha="right")
+            ax.set_yticks(ticks, names)
+            ax.set_xlabel("predicted class")
+            ax.set_ylabel("true class")
+            seeds = info["seeds"]
+            title = f"{method_label(method)}, K={info['shots']}"
+            title += (f"\n{len(seeds)} seeds summed" if len(seeds) > 1
+                      else f"\nseed {seeds[0]}" if seeds else "")
+            if group_label:
+                title += f", {group_label}"
+            ax.set_title(title, fontsize=11)
+    fig.suptitle(f"{dataset} — {SETTING_LABELS.get(setting, setting)}: confusion matrices at "
+                 "each method's best K", fontsize=12)
+    _save(fig, path)
+    return drawn
+
+
+def reliability(predictions: pd.DataFrame, bins: int = RELIABILITY_BINS) -> pd.DataFrame:
+    """Per equal-width confidence bin: mean confidence, accuracy and count (non-empty bins)."""
+    probs = predictions[[c for c in predictions.columns if c.startswith("p_")]]
+    confidence = probs.max(axis=1, skipna=True).to_numpy(dtype=float)
+    correct = (predictions.prediction.to_numpy() == predictions.label.to_numpy()).astype(float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            rows.append({"bin": b, "confidence": confidence[members].mean(),
+                         "accuracy": correct[members].mean(), "count": int(members.sum())})
+    return pd.DataFrame(rows)
+
+
+def reliability_curves(runs: pd.DataFrame, best: dict, setting: str, path: Path) -> None:
+    """Panel per dataset: accuracy versus confidence per method, at its best K, predictions of
+    all that K's seeds pooled (base-to-novel: base and novel test images pooled), with the
+    diagonal of perfect calibration and the mean ECE over those seeds in the legend."""
+    plt = _pyplot()
+    part = runs[runs.setting == setting]
+    datasets = sorted(part.dataset.unique())
+    cols = min(len(datasets), 3)
+    rows = math.ceil(len(datasets) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
+    colors = _colors(sorted(part.method.unique(), key=method_rank))
+    for ax, dataset in zip(axes.flat, datasets):
+        ax.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1, label="perfect")
+        here = part[part.dataset == dataset]
+        for method in sorted(here.method.unique(), key=method_rank):
+            k = best[(dataset, setting, method)]
+            chosen = here[(here.method == method) & (here.shots == k)]
+            frames = [pd.read_csv(Path(d) / layout.PREDICTIONS) for d in chosen.run_dir
+                      if (Path(d) / layout.PREDICTIONS).exists()]
+            if not frames:
+                continue
+            curve = reliability(pd.concat(frames, ignore_index=True))
+            ece_key = "base_ece" if setting == "base_to_novel" else "ece"
+            ece = chosen[ece_key].mean() if ece_key in chosen else float("nan")
+            which = "base ECE" if setting == "base_to_novel" else "ECE"
+            label = f"{method_label(method)} K={k} ({which} {100 * ece:.1f}%)"
+            ax.plot(curve.confidence, curve.accuracy, marker="o", color=colors[method],
+                    label=label)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("confidence (max. class probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{dataset} — {SETTING_LABELS.get(setting, setting)}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=9)
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.set_visible(False)
+    _save(fig, path)
