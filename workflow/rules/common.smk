@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from clipsvd import layout
+from clipsvd.data.fingerprint import preparation_fingerprint
 from clipsvd.config import (
     ADAPTER_METHODS,
     FEATURE_METHODS,
@@ -52,18 +53,10 @@ def _hash(obj):
 
 
 def preparation_hash(wildcards):
-    """Changes when the dataset's source or preprocessing or the model's input size change."""
+    """Changes with the dataset's preparation settings or the model (its input size)."""
     d = STUDY.dataset(wildcards.dataset)
     return _hash(
-        [
-            d.format,
-            d.root,
-            d.manifest,
-            asdict(d.preprocessing),
-            asdict(d.split),
-            STUDY.model.name,
-            STUDY.model.pretrained,
-        ]
+        [preparation_fingerprint(d, 0), STUDY.model.name, STUDY.model.pretrained]
     )
 
 
@@ -161,5 +154,10 @@ def report_outputs():
     folder = layout.REPORT.format(study=STUDY.study)
     return [
         f"{folder}/{name}"
-        for name in (layout.REPORT_TABLE, layout.REPORT_TABLE_MD, layout.REPORT_PLOT)
+        for name in (
+            layout.REPORT_TABLE,
+            layout.REPORT_TABLE_MD,
+            layout.REPORT_PLOT,
+            layout.REPORT_HTML,
+        )
     ]

@@ -5,11 +5,17 @@ of an npz, streamed), ``prepare`` (MONAI chain, grouped split, store writer, pre
 fingerprint), ``store`` (PreparedStore reader), ``sampling`` (support sets, split files),
 ``demo`` (the offline synthetic dataset). docs/data.md documents every format and option.
 """
-from .demo import generate_demo_dataset
-from .prepare import preparation_fingerprint, prepare_dataset
-from .sampling import sample_split, write_split
-from .sources import read_source
-from .store import PreparedStore
+from importlib import import_module
 
-__all__ = ["PreparedStore", "generate_demo_dataset", "preparation_fingerprint",
-           "prepare_dataset", "read_source", "sample_split", "write_split"]
+# Submodules load on first use, so light callers (the workflow's DAG building imports
+# data.fingerprint) do not pay for MONAI, pandas and PIL.
+_EXPORTS = {"generate_demo_dataset": "demo", "preparation_fingerprint": "fingerprint",
+            "prepare_dataset": "prepare", "sample_split": "sampling", "write_split": "sampling",
+            "read_source": "sources", "PreparedStore": "store"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,8 @@ from ..config import DatasetConfig, PreprocessingConfig, SplitConfig
 from ..errors import DataError
 from ..io import atomic_dir, read_json, write_json
 from ..seeding import numpy_rng
+from .fingerprint import (PREPARATION_FIELDS, PREPARATION_VERSION, UNRELATED_FIELDS,
+                          preparation_fingerprint, preparation_parameters)
 from .npz import NpzFile
 from .sources import ARRAY_COLUMNS, SPLITS, classes_of, read_source, relative_id
 
@@ -40,14 +42,6 @@ ZSCORE_RANGE = (-3.0, 3.0)  # z-scores shown: ±3 standard deviations map to 0..
 IMAGE_KEY = "image"
 ARRAY_CHUNK = 256  # array sources: rows decompressed and handed to the threads at a time
 
-# What decides whether a prepared store is still valid (besides its input files): these
-# DatasetConfig fields, the image size and PREPARATION_VERSION, which is raised whenever a code
-# change alters the prepared images or index. Every DatasetConfig field is in one of the two
-# lists (a test checks it), so a new field needs a decision.
-PREPARATION_VERSION = 2
-PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
-                      "preprocessing", "split")
-UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides", "lr", "epochs")
 PREPARATION_RECORD = "preparation.json"  # kept next to the store's outputs, read on rebuild
 
 
@@ -364,29 +358,6 @@ def _fingerprint(path: str) -> dict[str, Any]:
     return {"files": len(entries), "size": sum(e[1] for e in entries),
             "mtime_ns": max((e[2] for e in entries), default=0),
             "digest": hashlib.sha256(repr(entries).encode()).hexdigest()[:16]}
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def preparation_parameters(dataset: DatasetConfig, image_size: int) -> dict[str, Any]:
-    """Everything besides the input files that a prepared store depends on (plain JSON)."""
-    values = asdict(dataset)
-    params = {name: values[name] for name in PREPARATION_FIELDS if name in values}
-    params["image_size"] = int(image_size)
-    params["preparation_version"] = PREPARATION_VERSION
-    return _plain(params)
-
-
-def preparation_fingerprint(dataset: DatasetConfig, image_size: int) -> str:
-    """A short hash of ``preparation_parameters``: equal hashes, interchangeable stores.
-
-    The workflow passes it as a param of the prepare rule, so a change re-prepares the store
-    and a change elsewhere (templates, sampling, training) does not.
-    """
-    text = json.dumps(preparation_parameters(dataset, image_size), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""Which dataset settings a prepared store depends on, and their fingerprint.
+
+Kept free of heavy imports: the workflow computes the fingerprint while building its DAG.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any
+
+from ..config import DatasetConfig
+
+# What decides whether a prepared store is still valid (besides its input files): these
+# DatasetConfig fields, the image size and PREPARATION_VERSION, which is raised whenever a code
+# change alters the prepared images or index. Every DatasetConfig field is in one of the two
+# lists (a test checks it), so a new field needs a decision.
+PREPARATION_VERSION = 2
+PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
+                      "preprocessing", "split")
+UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides")
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def preparation_parameters(dataset: DatasetConfig, image_size: int) -> dict[str, Any]:
+    """Everything besides the input files that a prepared store depends on (plain JSON)."""
+    values = asdict(dataset)
+    params = {name: values[name] for name in PREPARATION_FIELDS if name in values}
+    params["image_size"] = int(image_size)
+    params["preparation_version"] = PREPARATION_VERSION
+    return _plain(params)
+
+
+def preparation_fingerprint(dataset: DatasetConfig, image_size: int) -> str:
+    """A short hash of ``preparation_parameters``: equal hashes, interchangeable stores.
+
+    The workflow passes it as a param of the prepare rule, so a change re-prepares the store
+    and a change elsewhere (templates, sampling, training) does not.
+    """
+    text = json.dumps(preparation_parameters(dataset, image_size), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
