@@ -12,8 +12,9 @@ import pytest
 from clipsvd.config import (ConfigError, DatasetConfig, MedmnistConfig, PreprocessingConfig,
                             SamplingConfig, SplitConfig, from_dict)
 from clipsvd.data.npz import NpzFile
-from clipsvd.data.prepare import (PREPARATION_FIELDS, UNRELATED_FIELDS, prepare_dataset,
-                                  preparation_fingerprint, preparation_parameters)
+from clipsvd.data.fingerprint import (PREPARATION_FIELDS, UNRELATED_FIELDS,
+                                      preparation_fingerprint, preparation_parameters)
+from clipsvd.data.prepare import prepare_dataset
 from clipsvd.data.sources import index_files, medmnist_labels, read_source
 from clipsvd.data.store import PreparedStore
 from clipsvd.errors import DataError

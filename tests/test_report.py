@@ -2,10 +2,7 @@
 the Markdown/LaTeX tables, the report files, and the HTML page in headless Chromium."""
 import json
 import math
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from browser import ARTIFACTS, ensure_chromium, run_chromium
 from clipsvd import layout
 from clipsvd.report import build_report, collect_runs, summarise
 from clipsvd.report.aggregate import (AVERAGE, average_over_datasets, base_to_novel_table,
@@ -22,7 +20,6 @@ from clipsvd.report.stats import (bootstrap_ci, matched_pairs, paired_comparison
 from clipsvd.report.tables import Table, accuracy_by_shots, latex_escape
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 CLASSES = ["cyst", "tumor"]
 
 
@@ -269,34 +266,13 @@ def test_report_folder_of_a_study(report_dir):
     assert html.count("<img ") == html.count("src='data:image/png;base64,")
 
 
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 @pytest.fixture(scope="session")
 def chromium():
-    """Debian's chromium; installed with apt-get when missing and running as root."""
-    path = find_chromium()
-    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, env=env,
-                       timeout=900)
-        path = find_chromium()
+    path = ensure_chromium()
     if path is None:
         pytest.skip("chromium is not installed and could not be installed (needs root and "
                     "apt-get: `apt-get install -y chromium`)")
     return path
-
-
-def run_chromium(chromium, profile, *args):
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 def test_html_report_renders_in_chromium(report_dir, chromium, tmp_path):

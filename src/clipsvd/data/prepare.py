@@ -8,7 +8,6 @@ The output directory appears only when complete (io.atomic_dir).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import struct
@@ -28,8 +27,7 @@ from ..config import DatasetConfig, PreprocessingConfig, SplitConfig
 from ..errors import DataError
 from ..io import atomic_dir, read_json, write_json
 from ..seeding import numpy_rng
-from .fingerprint import (PREPARATION_FIELDS, PREPARATION_VERSION, UNRELATED_FIELDS,
-                          preparation_fingerprint, preparation_parameters)
+from .fingerprint import preparation_fingerprint, preparation_parameters
 from .npz import NpzFile
 from .sources import ARRAY_COLUMNS, SPLITS, classes_of, read_source, relative_id
 

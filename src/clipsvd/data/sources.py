@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
