@@ -66,6 +66,7 @@ def test_changed_results_supersede_the_older_run(in_tmp):
     client = mlflow.MlflowClient(tracking.tracking_uri(None))
     assert first != second
     assert client.get_run(first).data.tags[tracking.SUPERSEDED] == "true"
+    assert client.get_run(first).info.lifecycle_stage == "deleted"
     assert client.get_run(second).data.tags[tracking.SUPERSEDED] == "false"
 
 

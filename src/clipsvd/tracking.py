@@ -4,7 +4,8 @@ Results on disk are the source of truth: a run folder is logged to MLflow from i
 same function serves a finished job and a later re-sync, and a tracking failure never fails the
 job. One experiment per study; a parent run per (dataset, method, setting) groups a child run per
 (shots, seed). Re-logging a run folder whose results are unchanged does nothing; a changed one
-marks the older MLflow run superseded (tag ``clipsvd.superseded=true``).
+marks the older MLflow run superseded (tag ``clipsvd.superseded=true``) and moves it to MLflow's
+deleted runs, so the UI lists current results only while the old ones stay restorable.
 """
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def _experiment_id(client, study: str) -> str:
     return client.create_experiment(study, artifact_location=artifacts.as_uri())
 
 
+def _supersede(client, run_id: str) -> None:
+    client.set_tag(run_id, SUPERSEDED, "true")
+    client.delete_run(run_id)
+
+
 def _parent_run(client, experiment_id: str, tags: dict[str, str]) -> str:
     group = "/".join(tags[k] for k in ("dataset", "method", "setting"))
     found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_KEY}` = '{group}'",
@@ -124,8 +130,9 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
                 log.info("MLflow already holds this run (%s): nothing to log", run.info.run_id)
                 return run.info.run_id, False
         for run in existing:
-            client.set_tag(run.info.run_id, SUPERSEDED, "true")
-            log.info("MLflow run %s marked superseded by the new results", run.info.run_id)
+            _supersede(client, run.info.run_id)
+            log.info("MLflow run %s superseded by the new results (moved to deleted runs)",
+                     run.info.run_id)
         parent = _parent_run(client, experiment_id, tags)
         name = f"{tags['method']} K={tags['shots']} seed={tags['seed']}"
         run = client.create_run(experiment_id, run_name=name, tags={
@@ -162,7 +169,7 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
             client.set_terminated(run_id, "FINISHED")
         except Exception:
             client.set_terminated(run_id, "FAILED")
-            client.set_tag(run_id, SUPERSEDED, "true")
+            _supersede(client, run_id)
             raise
     return run_id, True
 
@@ -228,7 +235,7 @@ def mirror_report(study: str, report_dir: Path, uri: str | None, enabled: bool) 
             for old in client.search_runs(
                     [experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'true' and "
                                                    f"tags.`{SUPERSEDED}` = 'false'"):
-                client.set_tag(old.info.run_id, SUPERSEDED, "true")
+                _supersede(client, old.info.run_id)
             run = client.create_run(experiment_id, run_name=f"{study} report", tags={
                 REPORT_TAG: "true", SUPERSEDED: "false", "study": study})
             client.log_artifacts(run.info.run_id, str(report_dir), artifact_path="report")
