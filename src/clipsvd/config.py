@@ -332,3 +332,14 @@ def load(path: str | Path) -> StudyConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
     return from_dict(raw, str(path))
+
+
+def write_resolved(raw: dict[str, Any], path: str | Path) -> None:
+    """Write the configuration a workflow run resolved (its config files merged with command-line
+    overrides) for the jobs to read; rewritten only when it changed."""
+    from .io import write_text
+
+    text = json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n"
+    path = Path(path)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        write_text(path, text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 RESULTS = "results"
+STUDY_CONFIG = RESULTS + "/studies/{study}.json"  # the resolved config the study's jobs read
 RAW = RESULTS + "/raw/{dataset}"
 STORE = RESULTS + "/prepared/{dataset}"
 FEATURES = RESULTS + "/features/{dataset}/{model}.npy"  # frozen image features, store order

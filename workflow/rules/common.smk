@@ -16,12 +16,14 @@ from clipsvd.config import (
     METHODS,
     ConfigError,
     from_dict,
+    write_resolved,
 )
 
 
 def _config_source():
-    files = [str(f) for f in getattr(workflow, "configfiles", [])]
-    return files[-1] if files else "config/config.yaml"
+    """The config files merged into this run's config, for error messages."""
+    files = list(dict.fromkeys(str(f) for f in getattr(workflow, "configfiles", [])))
+    return " + ".join(files) if files else "config/config.yaml"
 
 
 try:
@@ -32,7 +34,9 @@ except ConfigError as error:
 
 # Every rule calls the package's CLI; PYTHONPATH makes it importable in a conda env too.
 CLIPSVD = f"PYTHONPATH={Path(workflow.basedir, 'src')}${{PYTHONPATH:+:$PYTHONPATH}} python -m clipsvd"
-CONFIG_FILE = str(Path(_config_source()).resolve())
+# Jobs read the configuration exactly as this run resolved it (files and --config overrides).
+CONFIG_FILE = layout.STUDY_CONFIG.format(study=STUDY.study)
+write_resolved(config, CONFIG_FILE)
 CONDA_ENV = "../../envs/clipsvd.yaml"
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 
