@@ -30,7 +30,7 @@ def make_store(path: Path, per_split: dict[str, list[int]]) -> PreparedStore:
     pd.DataFrame(rows).to_csv(path / "index.csv", index=False)
     np.save(path / "images.npy", np.zeros((len(rows), 3, 4, 4), dtype=np.uint8))
     write_json(path / "classes.json", {"classes": CLASSES[:len(per_split["train"])]})
-    write_json(path / "provenance.json", {"dataset": "toy"})
+    write_json(path / "provenance.json", {"dataset": "toy", "source": {"root": "/data"}})
     return PreparedStore.open(path)
 
 
@@ -49,7 +49,8 @@ def test_counts_and_splits_respected(store):
     assert set(index.loc[split["val"], "split"]) == {"val"}
     assert len(split["test"]) == 35 and set(index.loc[split["test"], "split"]) == {"test"}
     assert split["classes"] == CLASSES and "base_classes" not in split
-    assert split["train_paths"][0] == index.loc[split["train"][0], "source_path"]
+    # Source paths relative to the dataset root: the same split file on every machine.
+    assert "/data/" + split["train_paths"][0] == index.loc[split["train"][0], "source_path"]
     assert split["counts"]["c"]["train"] == {"available": 20, "wanted": 8, "drawn": 8,
                                              "unique": 8, "policy": "sampled"}
     assert store.rows(split["train"]).shape == (40,)

@@ -74,18 +74,27 @@ def cmd_adapt(args) -> None:
     from .train import adapt
 
     _set_threads(args.threads)
-    adapt(_config(args), args.dataset, args.method, Path(args.split), Path(args.store),
-          Path(args.run_dir))
+    from .devices import acquire_device
+
+    cfg = _config(args)
+    with acquire_device(cfg.device) as device:
+        adapt(cfg, args.dataset, args.method, Path(args.split), Path(args.store),
+              Path(args.run_dir), device=device)
 
 
 def cmd_features(args) -> None:
     from .features import compute_features
 
+    from .devices import acquire_device
+
     _set_threads(args.threads)
-    compute_features(_config(args), Path(args.store), Path(args.out))
+    cfg = _config(args)
+    with acquire_device(cfg.device) as device:
+        compute_features(cfg, Path(args.store), Path(args.out), device=device)
 
 
 def cmd_evaluate(args) -> None:
+    from .devices import acquire_device
     from .evaluate import evaluate
     from .tracking import mirror_run
 
@@ -93,8 +102,9 @@ def cmd_evaluate(args) -> None:
     cfg = _config(args)
     run_dir = Path(args.run_dir)
     features = Path(args.features) if args.features else None
-    record = evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store), run_dir,
-                      features_path=features)
+    with acquire_device(cfg.device) as device:
+        record = evaluate(cfg, args.dataset, args.method, Path(args.split), Path(args.store),
+                          run_dir, features_path=features, device=device)
     extra = (Path(args.split), *sorted(run_dir.glob("*.log")))
     mirror_run(run_dir, record["tags"], cfg.tracking.uri, cfg.tracking.enabled, extra)
 

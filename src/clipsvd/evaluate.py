@@ -17,7 +17,7 @@ import torch
 from . import layout
 from .config import StudyConfig
 from .data.store import PreparedStore
-from .devices import resolve_device
+from .devices import claimed_gpu_slot, resolve_device
 from .io import atomic_path, read_json, write_json
 from .metrics import classification_metrics
 from .models import encode_class_prompts, encode_images, load_model
@@ -102,9 +102,9 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
 
 def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
              run_dir: Path, features_path: Path | None = None,
-             adapter_path: Path | None = None) -> dict[str, Any]:
+             adapter_path: Path | None = None, device: torch.device | None = None) -> dict[str, Any]:
     split = read_json(split_path)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     loaded.model.to(device).eval()
@@ -158,5 +158,5 @@ def run_record(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any
         tags["git_commit"] = str(git["git_commit"])
     provenance = {**git, "packages": package_versions(), "config_hash": cfg.fingerprint(),
                   "model_fingerprint": model_fingerprint, "split_sha256": file_sha256(split_path),
-                  "device": device}
+                  "device": device, "gpu_slot": claimed_gpu_slot()}
     return {"tags": tags, "provenance": provenance}

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path) -> np.ndarray:
-    device = resolve_device(cfg.device)
+def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path,
+                     device: torch.device | None = None) -> np.ndarray:
+    device = device or resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     model = loaded.model.to(device).eval()

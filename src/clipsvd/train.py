@@ -24,7 +24,7 @@ from .adapters.base import Adapter
 from .adapters.svd import SVDAdapter, SVDConfig
 from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
 from .data.store import PreparedStore
-from .devices import autocast_dtype, resolve_device
+from .devices import autocast_dtype, claimed_gpu_slot, resolve_device
 from .errors import ConfigError, TrainingError
 from .io import atomic_path, read_json, write_json
 from .models import LoadedModel, encode_class_prompts, encode_images, load_model
@@ -80,13 +80,13 @@ def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:
 
 
 def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
-          out_dir: Path) -> dict[str, Any]:
+          out_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
     """Train one adapter on one split; write the adapter, the history and a summary into out_dir."""
     split = read_json(split_path)
     shots, seed = int(split["shots"]), int(split["seed"])
     dataset_cfg = cfg.dataset(dataset)
     settings = cfg.training(method, dataset)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     seed_everything(seed)
 
     store = PreparedStore.open(store_dir)
@@ -161,7 +161,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
 
     summary = {
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,
-        "method": method, "device": str(device), "total_steps": steps,
+        "method": method, "device": str(device), "gpu_slot": claimed_gpu_slot(), "total_steps": steps,
         "train_seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 3),
         "trainable_parameters": n_trainable, "model_parameters": n_model,
         "trainable_fraction": n_trainable / n_model, "model_fingerprint": loaded.fingerprint,

@@ -8,6 +8,8 @@ in ``few_shot`` and ``base_to_novel``), and ``nested`` sets are prefixes of one 
 """
 from __future__ import annotations
 
+import os
+
 import math
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,9 @@ def sample_split(store: PreparedStore, setting: str, shots: int, seed: int,
         "train": [str(i) for i in ids[train_idx]],
         "val": [str(i) for i in ids[val_idx]],
         "test": test_ids(train_labels),
-        "train_paths": [str(p) for p in index["source_path"].to_numpy()[train_idx]],
+        # Relative to the dataset root, so the file is the same on every machine.
+        "train_paths": _relative_paths(index["source_path"].to_numpy()[train_idx],
+                                       store.provenance.get("source", {}).get("root")),
         "counts": counts,
         "policy": {
             "protocol": "CoOp: per class, val support min(K, max_val_shots) from the val split, "
@@ -137,3 +141,9 @@ def sample_split(store: PreparedStore, setting: str, shots: int, seed: int,
 def write_split(path: str | Path, split: dict[str, Any]) -> None:
     """Write a split file atomically; sorted keys make equal splits byte-identical."""
     write_json(path, split)
+
+
+def _relative_paths(paths, root: str | None) -> list[str]:
+    if not root:
+        return [os.path.basename(str(p)) for p in paths]
+    return [os.path.relpath(str(p), root) for p in paths]

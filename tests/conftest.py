@@ -1,0 +1,49 @@
+"""Shared fixtures."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def workflow_env() -> dict[str, str]:
+    """The environment the workflow's rules need: this venv's python first on PATH, no
+    MLflow server from the caller's shell, no GPU-slot switches from the caller's shell."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for name in ("MLFLOW_TRACKING_URI", "CLIPSVD_FAKE_GPUS", "CLIPSVD_GPU_LOCK_DIR",
+                 "CLIPSVD_GPU_SLOTS"):
+        env.pop(name, None)
+    return env
+
+
+FAKE_GPUS = 2
+
+
+@pytest.fixture(scope="session")
+def local_default_study(tmp_path_factory) -> Path:
+    """The default study (config/) run once locally; read-only for the tests that use it.
+
+    One run serves three checks, to keep the suite's time down: the study's own outputs
+    (tests/test_workflow.py), GPU slots on a fake two-GPU machine (`--cores 4 --resources
+    gpu=2` with CLIPSVD_FAKE_GPUS=2, tests/test_devices.py) and the reference that the SLURM
+    run must reproduce (tests/test_slurm.py). Every rule job gets the same threads as under
+    `--cores 2` (no rule asks for more than 2), so the results are those of a `--cores 2` run;
+    fake GPUs compute on the CPU.
+    """
+    workdir = tmp_path_factory.mktemp("local-default-study")
+    shutil.copytree(ROOT / "config", workdir / "config")
+    env = {**workflow_env(), "CLIPSVD_FAKE_GPUS": str(FAKE_GPUS)}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "Snakefile"),
+         "--directory", str(workdir), "--cores", "4", "--resources", f"gpu={FAKE_GPUS}"],
+        capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise AssertionError(f"local run of the default study failed:\n{result.stdout[-3000:]}"
+                             f"\n{result.stderr[-6000:]}")
+    return workdir
