@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from . import layout
+from .adapters import ADAPTERS, attach
 from .adapters.base import Adapter
-from .adapters.svd import SVDAdapter, SVDConfig
 from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
 from .data.store import PreparedStore
 from .devices import autocast_dtype, claimed_gpu_slot, resolve_device
@@ -66,10 +66,10 @@ def total_steps(settings: TrainingConfig, n_support: int, shots: int) -> int:
 
 def attach_adapter(method: str, model: torch.nn.Module, settings: TrainingConfig) -> Adapter:
     """Attach the method's adapter, configured from the study's settings of that method."""
-    if method == "clip_svd":
-        return SVDAdapter.attach(model, SVDConfig(encoders=settings.encoders,
-                                                  matrices=settings.matrices, layers=settings.layers))
-    raise ConfigError(f"method '{method}' has no adapter; adapter methods are {', '.join(ADAPTER_METHODS)}")
+    if method not in ADAPTERS:
+        raise ConfigError(f"method '{method}' has no adapter; adapter methods are "
+                          f"{', '.join(ADAPTER_METHODS)}")
+    return attach(method, model, settings)
 
 
 def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:

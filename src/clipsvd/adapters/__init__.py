@@ -1,5 +1,46 @@
-"""Ways of changing a backbone behind one interface (attach, trainable parameters, save/load)."""
-from .base import Adapter, count_parameters, freeze
-from .svd import SVDAdapter, SVDConfig
+"""Ways of changing a backbone behind one interface (attach, trainable parameters, save/load).
 
-__all__ = ["Adapter", "SVDAdapter", "SVDConfig", "count_parameters", "freeze"]
+``ADAPTERS`` maps a study method name to its adapter class, ``CONFIGS`` to its config class;
+:func:`config_for` and :func:`attach` build either from a method's options.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..errors import ModelError
+from .base import Adapter, count_parameters, freeze, has_adapter
+from .comp_lora import CompLoRAAdapter, CompLoRAConfig, protected_rank
+from .lora import LoRAAdapter, LoRAConfig
+from .svd import SVDAdapter, SVDConfig, TargetSelection
+
+ADAPTERS: dict[str, type[Adapter]] = {"clip_svd": SVDAdapter, "clip_lora": LoRAAdapter,
+                                      "comp_lora": CompLoRAAdapter}
+CONFIGS: dict[str, type[TargetSelection]] = {"clip_svd": SVDConfig, "clip_lora": LoRAConfig,
+                                             "comp_lora": CompLoRAConfig}
+
+
+def config_for(method: str, options: Mapping[str, Any] | Any = None) -> TargetSelection:
+    """The adapter config of ``method`` from its options (a mapping or a dataclass such as the
+    study's method settings); options the adapter does not use (lr, batch_size, ...) belong to
+    training and are ignored here."""
+    if method not in CONFIGS:
+        raise ModelError(f"method {method!r} has no adapter; adapter methods are "
+                         f"{', '.join(ADAPTERS)}")
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        options = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    config_class = CONFIGS[method]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class.from_dict({k: v for k, v in dict(options or {}).items() if k in names})
+
+
+def attach(method: str, model: nn.Module, options: Mapping[str, Any] | Any = None) -> Adapter:
+    """Attach ``method``'s adapter to ``model`` (in place), configured from ``options``."""
+    return ADAPTERS[method].attach(model, config_for(method, options))
+
+
+__all__ = ["ADAPTERS", "CONFIGS", "Adapter", "CompLoRAAdapter", "CompLoRAConfig", "LoRAAdapter",
+           "LoRAConfig", "SVDAdapter", "SVDConfig", "TargetSelection", "attach", "config_for",
+           "count_parameters", "freeze", "has_adapter", "protected_rank"]

@@ -159,6 +159,15 @@ def freeze(model: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
+def has_adapter(model: nn.Module) -> bool:
+    """True when an adapter is attached: a parametrized weight (CLIP-SVD) or a module an
+    adapter put in place (marked with a true class attribute ``is_adapter_module``)."""
+    from torch.nn.utils import parametrize
+
+    return any(parametrize.is_parametrized(m) or getattr(m, "is_adapter_module", False)
+               for m in model.modules())
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters of a model (buffers excluded), each shared tensor counted once."""
     seen: set[int] = set()

@@ -18,15 +18,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ModelError
-from .base import Adapter, count_parameters, freeze
+from .base import Adapter, count_parameters, freeze, has_adapter
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,18 @@ BLOCK_LISTS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 @dataclass
-class SVDConfig:
-    """Which singular values to train.
+class TargetSelection:
+    """Which matrices of which blocks an adapter changes (shared by every adapter's config).
 
     ``encoders``: subset of ("vision", "text"). ``matrices``: subset of q, k, v, out, mlp_fc,
     mlp_proj, with shorthands mlp (both MLP layers), attn (q k v out), qkv. ``layers``:
     "all"; "top<N>" (the N blocks nearest the output); "bottom<N>" (the N nearest the input);
     "middle" (the middle third of the blocks, at most 4: blocks 4-7 of 12); or a list of block
     indices, negative ones counting from the end. The same layer choice applies to each encoder.
+    Subclasses add their own fields; ``label`` names the config in error messages.
     """
+
+    label: ClassVar[str] = "adapter"
 
     encoders: Sequence[str] = ("vision", "text")
     matrices: Sequence[str] = ("q", "k", "v", "out", "mlp")
@@ -88,28 +91,31 @@ class SVDConfig:
             self.layers = [int(i) for i in self.layers]
         unknown = [e for e in self.encoders if e not in ENCODERS]
         if unknown or not self.encoders:
-            raise ModelError(f"svd encoders {list(self.encoders)} invalid; choose from "
+            raise ModelError(f"{self.label} encoders {list(self.encoders)} invalid; choose from "
                              f"{list(ENCODERS)}")
         allowed = set(MATRICES) | set(MATRIX_GROUPS)
         bad = [m for m in self.matrices if m not in allowed]
         if bad or not self.matrices:
-            raise ModelError(f"svd matrices {bad or []} invalid; choose from "
+            raise ModelError(f"{self.label} matrices {bad or []} invalid; choose from "
                              f"{sorted(allowed)}")
         if isinstance(self.layers, str):
-            _parse_layer_spec(self.layers, depth=None)
+            _parse_layer_spec(self.layers, depth=None, label=self.label)
         elif not self.layers:
-            raise ModelError("svd layers is an empty list; give 'all' or block indices")
+            raise ModelError(f"{self.label} layers is an empty list; give 'all' or block indices")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | "SVDConfig" | None) -> "SVDConfig":
+    def from_dict(cls, data: Mapping[str, Any] | "TargetSelection" | None) -> Any:
         """Build from plain config data; unknown keys are a ModelError naming them."""
-        if isinstance(data, SVDConfig):
+        if isinstance(data, cls):
             return data
+        if isinstance(data, TargetSelection):
+            raise ModelError(f"a {type(data).__name__} cannot configure {cls.label}; pass a "
+                             f"{cls.__name__} or plain options")
         data = dict(data or {})
-        known = {"encoders", "matrices", "layers"}
+        known = {f.name for f in fields(cls)}
         extra = sorted(set(data) - known)
         if extra:
-            raise ModelError(f"unknown svd option(s) {extra}; known: {sorted(known)}")
+            raise ModelError(f"unknown {cls.label} option(s) {extra}; known: {sorted(known)}")
         return cls(**data)
 
     def expanded_matrices(self) -> tuple[str, ...]:
@@ -125,7 +131,14 @@ class SVDConfig:
         return data
 
 
-def _parse_layer_spec(spec: str, depth: int | None) -> list[int] | None:
+@dataclass
+class SVDConfig(TargetSelection):
+    """Which singular values to train (fields and their meaning: :class:`TargetSelection`)."""
+
+    label: ClassVar[str] = "svd"
+
+
+def _parse_layer_spec(spec: str, depth: int | None, label: str = "svd") -> list[int] | None:
     """Resolve a string layer spec against ``depth`` blocks (depth None: only validate)."""
     text = spec.strip().lower()
     if text == "all":
@@ -145,25 +158,26 @@ def _parse_layer_spec(spec: str, depth: int | None) -> list[int] | None:
             if depth is None:
                 return None
             if count > depth:
-                raise ModelError(f"svd layers {spec!r} asks for {count} blocks but the encoder "
+                raise ModelError(f"{label} layers {spec!r} asks for {count} blocks but the encoder "
                                  f"has {depth}")
             return list(range(depth - count, depth)) if prefix == "top" else list(range(count))
-    raise ModelError(f"svd layers {spec!r} invalid; use 'all', 'top<N>', 'bottom<N>', "
+    raise ModelError(f"{label} layers {spec!r} invalid; use 'all', 'top<N>', 'bottom<N>', "
                      "'middle' or a list of block indices")
 
 
-def resolve_layers(spec: str | Sequence[int], depth: int, encoder: str = "") -> list[int]:
+def resolve_layers(spec: str | Sequence[int], depth: int, encoder: str = "",
+                   label: str = "svd") -> list[int]:
     """Sorted block indices selected by ``spec`` in an encoder of ``depth`` blocks."""
     if isinstance(spec, str):
-        layers = _parse_layer_spec(spec, depth)
+        layers = _parse_layer_spec(spec, depth, label)
         assert layers is not None
         return layers
     resolved = set()
     for index in spec:
         if not -depth <= int(index) < depth:
             where = f"the {encoder} encoder" if encoder else "the encoder"
-            raise ModelError(f"svd layer index {index} out of range: {where} has {depth} blocks "
-                             f"(valid {-depth}..{depth - 1})")
+            raise ModelError(f"{label} layer index {index} out of range: {where} has {depth} "
+                             f"blocks (valid {-depth}..{depth - 1})")
         resolved.add(int(index) % depth)
     return sorted(resolved)
 
@@ -189,6 +203,57 @@ def find_blocks(model: nn.Module) -> dict[str, tuple[str, str, list[nn.Module]]]
                 found[encoder] = (path, family, blocks)
                 break
     return found
+
+
+@dataclass(frozen=True)
+class TargetSite:
+    """One matrix an adapter changes and where it lives: the module holding the weight, the
+    weight's name there, and its row block when q/k/v are fused in one weight (0 q, 1 k, 2 v;
+    None for an unfused matrix)."""
+
+    encoder: str
+    layer: int
+    matrix: str
+    family: str
+    module_path: str
+    param_name: str
+    block: int | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.encoder}.layer{self.layer}.{self.matrix}"
+
+
+def select_targets(model: nn.Module, config: TargetSelection, method: str) -> list[TargetSite]:
+    """The matrices ``config`` selects in ``model``, ordered by encoder, layer, matrix.
+
+    ``method`` (e.g. "CLIP-SVD") names the adapter in errors: no known blocks at all, or a
+    chosen encoder whose blocks are missing.
+    """
+    found = find_blocks(model)
+    if not found:
+        kinds = sorted({type(m).__name__ for m in model.modules()})
+        raise ModelError(f"{method} found no transformer blocks it knows (open_clip "
+                         "ResidualAttentionBlock, timm ViT Block, BERT layer); module types "
+                         f"present: {', '.join(kinds[:20])}")
+    missing = [e for e in config.encoders if e not in found]
+    if missing:
+        raise ModelError(f"{method} cannot find the {', '.join(missing)} encoder's blocks in "
+                         f"this model (found: {', '.join(sorted(found)) or 'none'}); drop it "
+                         f"from {config.label} encoders")
+    matrices = config.expanded_matrices()
+    sites = []
+    for encoder in ENCODERS:
+        if encoder not in config.encoders:
+            continue
+        path, family, blocks = found[encoder]
+        for layer in resolve_layers(config.layers, len(blocks), encoder, config.label):
+            for matrix in matrices:
+                sub, pname, fused = FAMILIES[family][matrix]
+                sites.append(TargetSite(encoder=encoder, layer=layer, matrix=matrix,
+                                        family=family, module_path=f"{path}.{layer}.{sub}",
+                                        param_name=pname, block=fused))
+    return sites
 
 
 class SingularValueDelta(nn.Module):
@@ -283,35 +348,20 @@ class SVDAdapter(Adapter):
         from ..models import state_dict_fingerprint
 
         config = SVDConfig.from_dict(config)
-        if any(parametrize.is_parametrized(m) for m in model.modules()):
+        if has_adapter(model):
             raise ModelError("this model already has an adapter attached; load a fresh model "
                              "before attaching another")
-        found = find_blocks(model)
-        if not found:
-            kinds = sorted({type(m).__name__ for m in model.modules()})
-            raise ModelError("CLIP-SVD found no transformer blocks it knows (open_clip "
-                             "ResidualAttentionBlock, timm ViT Block, BERT layer); module types "
-                             f"present: {', '.join(kinds[:20])}")
-        missing = [e for e in config.encoders if e not in found]
-        if missing:
-            raise ModelError(f"CLIP-SVD cannot find the {', '.join(missing)} encoder's blocks in "
-                             f"this model (found: {', '.join(sorted(found)) or 'none'}); drop it "
-                             "from svd encoders")
+        sites = select_targets(model, config, "CLIP-SVD")
         base_fingerprint = state_dict_fingerprint(model)
         base_count = count_parameters(model)
-        matrices = config.expanded_matrices()
         # Group the selected row blocks by the tensor they live in, so a fused q/k/v weight
         # gets one parametrization covering its selected thirds.
         plan: dict[tuple[str, str], dict[str, Any]] = {}
-        for encoder in config.encoders:
-            path, family, blocks = found[encoder]
-            for layer in resolve_layers(config.layers, len(blocks), encoder):
-                for matrix in matrices:
-                    sub, pname, fused = FAMILIES[family][matrix]
-                    module_path = f"{path}.{layer}.{sub}"
-                    entry = plan.setdefault((module_path, pname), {
-                        "num_blocks": 1 if fused is None else 3, "items": []})
-                    entry["items"].append((encoder, layer, matrix, 0 if fused is None else fused))
+        for site in sites:
+            entry = plan.setdefault((site.module_path, site.param_name), {
+                "num_blocks": 1 if site.block is None else 3, "items": []})
+            entry["items"].append((site.encoder, site.layer, site.matrix,
+                                   0 if site.block is None else site.block))
         freeze(model)
         started = time.perf_counter()
         targets: list[SVDTarget] = []
