@@ -77,3 +77,34 @@ def test_unreachable_backend_never_fails_the_job(in_tmp, monkeypatch):
     record = tracking.mirror_run(run, tags(), "http://127.0.0.1:9", True)
     assert record["status"] == "skipped"
     assert json.loads((run / layout.TRACKING_RECORD).read_text())["status"] == "skipped"
+
+
+def test_sync_logs_what_mlflow_lacks_once(in_tmp, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    runs = []
+    for seed in (1, 2, 3):
+        run = make_run(in_tmp, accuracy=seed / 10, seed=seed)
+        (run / layout.RUN_RECORD).write_text(json.dumps({"tags": tags(seed)}))
+        # The job ran while the tracking server was down: results complete, MLflow skipped.
+        assert tracking.mirror_run(run, tags(seed), "http://127.0.0.1:9", True)["status"] == "skipped"
+        runs.append(run)
+    first = tracking.sync("st", None)
+    assert first == {"logged": 3, "present": 0, "skipped": 0}
+    assert tracking.sync("st", None) == {"logged": 0, "present": 3, "skipped": 0}
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    experiment = client.get_experiment_by_name("st")
+    children = [r for r in client.search_runs([experiment.experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.metrics["accuracy"] for r in children) == [0.1, 0.2, 0.3]
+    assert all(json.loads((r / layout.TRACKING_RECORD).read_text())["status"] == "present"
+               for r in runs)
+
+
+def test_sync_with_a_dead_server_says_what_to_do(in_tmp, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    run = make_run(in_tmp)
+    (run / layout.RUN_RECORD).write_text(json.dumps({"tags": tags()}))
+    with pytest.raises(tracking.ClipsvdError, match="could not be logged to http://127.0.0.1:9"):
+        tracking.sync("st", "http://127.0.0.1:9")

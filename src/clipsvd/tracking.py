@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import layout
+from .errors import ClipsvdError
 from .io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,9 @@ def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bo
                extra_artifacts: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Log a run folder, never failing the job: the outcome goes to the run's mlflow.json."""
     record: dict[str, Any]
+    # MLflow's own defaults retry a dead server for minutes per request; a job should not stall.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     if not enabled:
         record = {"status": "disabled"}
     else:
@@ -211,8 +215,6 @@ def sync(study: str, uri: str | None) -> dict[str, int]:
     log.info("MLflow sync of study '%s': %d logged, %d already present, %d skipped", study,
              counts["logged"], counts["present"], counts["skipped"])
     if counts["skipped"]:
-        from .errors import ClipsvdError
-
         raise ClipsvdError(f"{counts['skipped']} run(s) could not be logged to {tracking_uri(uri)}; "
                            "check that the tracking server is reachable and run `clipsvd sync` again")
     return counts
