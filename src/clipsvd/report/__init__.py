@@ -173,20 +173,37 @@ def build_report(run_dirs: list[Path], out_dir: Path, config=None) -> pd.DataFra
                                       "method's best K (highest mean accuracy), summed over "
                                       "that K's seeds; cells are % of the true class (count)."))
 
+    interpretation = _interpretation(runs, out_dir)  # issue 9: CLIP-SVD interpret/ folders
+
     # Provenance and the HTML page.
     provenance = collect_provenance(runs, config)
     write_json(out(layout.REPORT_PROVENANCE), provenance)
     study = config.study if config is not None else Path(run_dirs[0]).parents[4].name
     page = _render_html(study, runs, config, html_sections, comparison_table, figure_list,
-                        provenance)
+                        provenance, interpretation)
     write_text(out(layout.REPORT_HTML), page)
     log.info("report of %d runs: %d files written to %s", len(runs), len(written), out_dir)
     return accuracy
 
 
-def _render_html(study, runs, config, sections, comparison_table, figure_list, provenance):
+def _render_html(study, runs, config, sections, comparison_table, figure_list, provenance,
+                 interpretation=""):
     from .html import render_page
 
     return render_page(study, config.as_dict() if config is not None else None,
                        _config_facts(runs, config), sections, comparison_table, figure_list,
-                       provenance)
+                       provenance, interpretation)
+
+
+def _interpretation(runs: pd.DataFrame, out_dir: Path) -> str:
+    """Aggregate the interpret/ folders of the CLIP-SVD runs (if any) into out_dir/interpret/
+    and return the report's HTML section for them (empty when no run has one)."""
+    from ..interpret import FOLDER, aggregate_interpretations
+    from .html import interpretation_section
+
+    interpreted = [Path(d) for d in runs[runs.method == "clip_svd"].run_dir
+                   if (Path(d) / FOLDER / "interpret.json").is_file()]
+    if not interpreted:
+        return ""
+    result = aggregate_interpretations(interpreted, out_dir / FOLDER)
+    return interpretation_section(out_dir / FOLDER, result)
