@@ -31,7 +31,16 @@ def _config(args):
 
 
 def cmd_validate(args) -> None:
+    from .errors import ConfigError, ModelError
+    from .models import check_model_request
+
     cfg = _config(args)
+    try:  # names and tags only: no weights are loaded or downloaded
+        check_model_request(cfg.model.name, cfg.model.pretrained)
+    except ModelError as exc:
+        about_weights = "pretrained" in str(exc) or "checkpoint" in str(exc)
+        key = "model.pretrained" if about_weights else "model.name"
+        raise ConfigError(f"{args.config}: key '{key}': {exc}") from None
     print(f"{args.config}: valid study '{cfg.study}' (config hash {cfg.fingerprint()})")
 
 
@@ -109,6 +118,22 @@ def cmd_evaluate(args) -> None:
     mirror_run(run_dir, record["tags"], cfg.tracking.uri, cfg.tracking.enabled, extra)
 
 
+def cmd_interpret(args) -> None:
+    from .interpret import interpret_run
+    from .tracking import attach_artifacts
+
+    _set_threads(args.threads)
+    cfg = _config(args)
+    settings = cfg.interpret
+    run_dir = Path(args.run_dir)
+    out_dir = run_dir / "interpret"
+    interpret_run(cfg, run_dir, Path(args.split), Path(args.store), out_dir,
+                  corpus_path=Path(settings.corpus) if settings.corpus else None,
+                  span_layers=settings.span_layers, k=settings.k,
+                  max_images=settings.max_images)
+    attach_artifacts(run_dir, out_dir, cfg.tracking.enabled)
+
+
 def cmd_sync(args) -> None:
     from .tracking import sync
 
@@ -171,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--features", help="frozen image features (zero_shot, linear_probe)")
+    p.add_argument("--split", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p = add("interpret", cmd_interpret, "which singular values of a CLIP-SVD run moved, and what "
+            "its most changed heads mean in words")
     p.add_argument("--split", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--run-dir", required=True)

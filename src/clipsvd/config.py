@@ -135,6 +135,15 @@ METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
 
 
 @dataclass(frozen=True)
+class InterpretConfig:
+    enabled: bool = True
+    span_layers: Any = 2  # the last N vision blocks, or a list of block indices
+    k: int = 5  # descriptions per head
+    max_images: int = 512
+    corpus: str | None = None  # None: the shipped corpus of medical image descriptions
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # None: sqlite under results/ (or MLFLOW_TRACKING_URI when set)
     enabled: bool = True
@@ -153,6 +162,7 @@ class StudyConfig:
     clip_lora: LoRAMethodConfig
     comp_lora: CompLoRAMethodConfig
     linear_probe: LinearProbeConfig
+    interpret: InterpretConfig
     tracking: TrackingConfig
     device: str = "auto"
     eval_batch_size: int = 64
@@ -315,6 +325,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         clip_lora=_build(LoRAMethodConfig, data["clip_lora"]),
         comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
+        interpret=_build(InterpretConfig, data["interpret"]),
         tracking=_build(TrackingConfig, data["tracking"]),
         device=data["device"],
         eval_batch_size=data["eval_batch_size"],

@@ -220,6 +220,22 @@ def sync(study: str, uri: str | None) -> dict[str, int]:
     return counts
 
 
+def attach_artifacts(run_dir: Path, folder: Path, enabled: bool) -> None:
+    """Add a folder made after the run was logged (its interpretation) to the run's MLflow
+    record; skipped with a warning when MLflow is off or unreachable."""
+    record_path = run_dir / layout.TRACKING_RECORD
+    record = read_json(record_path) if record_path.exists() else {}
+    if not enabled or record.get("status") not in ("logged", "present"):
+        return
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=record["tracking_uri"])
+        client.log_artifacts(record["run_id"], str(folder), artifact_path=folder.name)
+    except Exception as exc:  # noqa: BLE001 - the folder on disk is what matters
+        log.warning("MLflow was skipped for %s (%s: %s)", folder, type(exc).__name__, exc)
+
+
 REPORT_TAG = "clipsvd.report"
 
 

@@ -85,10 +85,40 @@ rule evaluate:
         store=lambda w: layout.STORE.format(dataset=w.dataset),
         run_dir=lambda w, output: str(Path(output.metrics).parent),
         features=lambda w, input: (
-            f"--features '{input.features}'" if "features" in input.keys() else ""
+            f"--features {shlex.quote(input.features)}"
+            if "features" in input.keys()
+            else ""
         ),
         evaluation=evaluation_hash,
     shell:
         "{params.cli} evaluate --config {params.config:q} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --split {input.split:q} --store {params.store:q} "
         "--run-dir {params.run_dir:q} {params.features} --threads {threads} --log {log:q}"
+
+
+rule interpret:
+    input:
+        adapter=f"{layout.RUN}/{layout.ADAPTER}",
+        split=layout.SPLIT,
+        store=store_files,
+    output:
+        f"{layout.RUN}/interpret/interpret.json",
+    log:
+        f"{layout.RUN}/interpret.log",
+    wildcard_constraints:
+        method="clip_svd",
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        cli=CLIPSVD,
+        config=CONFIG_FILE,
+        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        run_dir=lambda w, input: str(Path(input.adapter).parent),
+        settings=lambda w: STUDY.interpret,
+    shell:
+        "{params.cli} interpret --config {params.config:q} --split {input.split:q} "
+        "--store {params.store:q} --run-dir {params.run_dir:q} --threads {threads} --log {log:q}"

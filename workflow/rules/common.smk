@@ -2,6 +2,7 @@
 # Paths come from clipsvd.layout so the package and the workflow spell them in one place.
 import hashlib
 import json
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,8 @@ except ConfigError as error:
     sys.exit(1)
 
 # Every rule calls the package's CLI; PYTHONPATH makes it importable in a conda env too.
-CLIPSVD = f"PYTHONPATH={Path(workflow.basedir, 'src')}${{PYTHONPATH:+:$PYTHONPATH}} python -m clipsvd"
+# Quoted: the clone's path may hold spaces or non-ASCII characters.
+CLIPSVD = f"PYTHONPATH={shlex.quote(str(Path(workflow.basedir, 'src')))}${{PYTHONPATH:+:$PYTHONPATH}} python -m clipsvd"
 # Jobs read the configuration exactly as this run resolved it (files and --config overrides).
 CONFIG_FILE = layout.STUDY_CONFIG.format(study=STUDY.study)
 write_resolved(config, CONFIG_FILE)
@@ -152,6 +154,17 @@ def study_runs():
 
 def study_run_dirs():
     return [run_dir(*run) for run in study_runs()]
+
+
+def interpretation_outputs():
+    """The interpretation of every CLIP-SVD run, which the report shows."""
+    if not STUDY.interpret.enabled:
+        return []
+    return [
+        f"{run_dir(*run)}/interpret/interpret.json"
+        for run in study_runs()
+        if run[1] == "clip_svd"
+    ]
 
 
 def report_outputs():

@@ -5,6 +5,7 @@
 rule report:
     input:
         metrics=[f"{run}/{layout.METRICS}" for run in study_run_dirs()],
+        interpretations=interpretation_outputs(),
     output:
         table=report(
             f"{layout.REPORT}/{layout.REPORT_TABLE}",
