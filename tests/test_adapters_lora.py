@@ -17,11 +17,10 @@ from clipsvd.adapters import (ADAPTERS, CompLoRAAdapter, CompLoRAConfig, LoRAAda
                               SVDAdapter, SVDConfig, config_for, protected_rank)
 from clipsvd.adapters.comp_lora import CompLoRABranch
 from clipsvd.adapters.lora import LoRABranch, LoRALinear, LoRAMultiheadAttention
+from adapter_helpers import predict as _predict, train_steps as _train
 from clipsvd.errors import ModelError
-from clipsvd.models import encode_class_prompts, encode_images, load_model, logits
+from clipsvd.models import load_model
 
-CLASSES = ["benign_tumor", "malignant tumor", "normal scan"]
-TEMPLATES = ["a photo of a {}."]
 KINDS = {"clip_lora": (LoRAAdapter, LoRAConfig), "comp_lora": (CompLoRAAdapter, CompLoRAConfig)}
 EVERY_MATRIX = ("q", "k", "v", "out", "mlp")
 
@@ -35,26 +34,6 @@ def _fresh(name: str = "tiny-clip", seed: int = 0):
     """A private copy of a (cached) random-weight model: loading is the slow part."""
     loaded = _cached(name, seed)
     return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-
-
-def _predict(loaded, images):
-    text = encode_class_prompts(loaded, CLASSES, TEMPLATES)
-    return logits(loaded.model, encode_images(loaded.model, images), text, 100.0)
-
-
-def _train(loaded, adapter, steps=3, lr=5e-2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(8, 3, 64, 64, generator=generator)
-    labels = torch.randint(0, len(CLASSES), (8,), generator=generator)
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, weight_decay=0.01)
-    loaded.model.train()
-    for _ in range(steps):
-        with adapter.cached():
-            loss = F.cross_entropy(_predict(loaded, images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-        optimizer.step()
-    loaded.model.eval()
 
 
 @pytest.fixture()

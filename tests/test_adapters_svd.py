@@ -12,31 +12,10 @@ from torch.nn.utils import parametrize
 
 from clipsvd.adapters import SVDAdapter, SVDConfig, freeze
 from clipsvd.adapters.svd import SingularValueDelta, resolve_layers
+from adapter_helpers import predict as _predict, train_steps as _train
 from clipsvd.errors import ModelError
-from clipsvd.models import encode_class_prompts, encode_images, load_model, logits
+from clipsvd.models import load_model
 
-CLASSES = ["benign_tumor", "malignant tumor", "normal scan"]
-TEMPLATES = ["a photo of a {}."]
-
-
-def _predict(loaded, images):
-    text = encode_class_prompts(loaded, CLASSES, TEMPLATES)
-    return logits(loaded.model, encode_images(loaded.model, images), text, 100.0)
-
-
-def _train(loaded, adapter, steps=3, lr=5e-2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(8, 3, 64, 64, generator=generator)
-    labels = torch.randint(0, len(CLASSES), (8,), generator=generator)
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, weight_decay=0.01)
-    loaded.model.train()
-    for _ in range(steps):
-        with adapter.cached():
-            loss = F.cross_entropy(_predict(loaded, images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-        optimizer.step()
-    loaded.model.eval()
 
 
 def _is_singular_value(name: str) -> bool:

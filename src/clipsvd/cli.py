@@ -158,11 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(CLIP-SVD and baselines); the workflow's rules call these subcommands.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name, func, help_text):
+    def add(name, func, help_text, run_step=False):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", required=True, help="the study config (YAML)")
         p.add_argument("--log", help="also write the log to this file")
         p.set_defaults(func=func)
+        if run_step:  # a step on one run: its split, the prepared store, the run folder
+            p.add_argument("--split", required=True)
+            p.add_argument("--store", required=True)
+            p.add_argument("--run-dir", required=True)
+            p.add_argument("--threads", type=int, default=1)
         return p
 
     add("validate", cmd_validate, "check a study config and print its hash")
@@ -185,27 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
-    p = add("adapt", cmd_adapt, "train an adapter (CLIP-SVD, CLIP-LoRA, Comp-LoRA) on one split")
+    p = add("adapt", cmd_adapt, "train an adapter (CLIP-SVD, CLIP-LoRA, Comp-LoRA) on one split",
+            run_step=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--method", required=True, choices=list(ADAPTER_METHODS))
-    p.add_argument("--split", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--threads", type=int, default=1)
-    p = add("evaluate", cmd_evaluate, "evaluate a run on its test set and log it to MLflow")
+    p = add("evaluate", cmd_evaluate, "evaluate a run on its test set and log it to MLflow",
+            run_step=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--features", help="frozen image features (zero_shot, linear_probe)")
-    p.add_argument("--split", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--threads", type=int, default=1)
-    p = add("interpret", cmd_interpret, "which singular values of a CLIP-SVD run moved, and what "
-            "its most changed heads mean in words")
-    p.add_argument("--split", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--threads", type=int, default=1)
+    add("interpret", cmd_interpret, "which singular values of a CLIP-SVD run moved, and what "
+        "its most changed heads mean in words", run_step=True)
     add("sync", cmd_sync, "log every run folder of the study that MLflow lacks")
     p = add("report", cmd_report, "tables, figures, statistics and an HTML page of a study's "
                                   "runs, logged to MLflow")
