@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, GpuMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,18 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cuda")
     log.info("no GPU visible: running on the CPU")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def batch_size_on_oom(key: str, value: int, device: torch.device | str) -> Iterator[None]:
+    """Turn a GPU out-of-memory error inside the block into one line naming the key to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        smaller = max(1, int(value) // 2)
+        raise GpuMemoryError(
+            f"out of GPU memory on {device} with {key} = {value}; lower {key} (e.g. to "
+            f"{smaller}) in the study config, or free the GPU of other processes") from None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -19,3 +19,7 @@ class ModelError(ClipsvdError):
 
 class TrainingError(ClipsvdError):
     """Training cannot go on (for example a non-finite loss); the message suggests a fix."""
+
+
+class GpuMemoryError(ClipsvdError):
+    """The GPU ran out of memory; the message names the batch-size key to lower."""

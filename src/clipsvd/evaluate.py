@@ -17,7 +17,7 @@ import torch
 from . import layout
 from .config import StudyConfig
 from .data.store import PreparedStore
-from .devices import claimed_gpu_slot, resolve_device
+from .devices import batch_size_on_oom, claimed_gpu_slot, resolve_device
 from .io import atomic_path, read_json, write_json
 from .metrics import classification_metrics
 from .models import encode_class_prompts, encode_images, load_model
@@ -119,7 +119,7 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
         groups.append(("test_novel", split["novel_classes"], "novel"))
     metrics: dict[str, Any] = {}
     tables = []
-    with cached:
+    with cached, batch_size_on_oom("eval_batch_size", cfg.eval_batch_size, device):
         for key, class_names, group in groups:
             _, labels = split_images(store, split, key, with_images=False)
             probs = probabilities(key, class_names).float()

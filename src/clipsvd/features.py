@@ -13,7 +13,7 @@ import torch
 
 from .config import StudyConfig
 from .data.store import PreparedStore
-from .devices import resolve_device
+from .devices import batch_size_on_oom, resolve_device
 from .io import atomic_path
 from .models import encode_images, load_model
 
@@ -32,16 +32,17 @@ def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path,
     n, batch_size = len(store.images), cfg.eval_batch_size
     chunks = []
     started = last = time.perf_counter()
-    for start in range(0, n, batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(store.images[start:start + batch_size]))
-        batch = (batch.to(device).float().div_(255) - mean) / std
-        chunks.append(encode_images(model, batch).float().cpu().numpy())
-        now = time.perf_counter()
-        if now - last > 10:
-            done = start + len(batch)
-            rate = done / (now - started)
-            log.info("features: %d/%d images (%.0f images/s, ETA %.0f s)", done, n, rate, (n - done) / rate)
-            last = now
+    with batch_size_on_oom("eval_batch_size", batch_size, device):
+        for start in range(0, n, batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(store.images[start:start + batch_size]))
+            batch = (batch.to(device).float().div_(255) - mean) / std
+            chunks.append(encode_images(model, batch).float().cpu().numpy())
+            now = time.perf_counter()
+            if now - last > 10:
+                done = start + len(batch)
+                rate = done / (now - started)
+                log.info("features: %d/%d images (%.0f images/s, ETA %.0f s)", done, n, rate, (n - done) / rate)
+                last = now
     features = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as handle:

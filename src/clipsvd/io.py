@@ -52,6 +52,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """Write tensors as safetensors, atomically and byte-for-byte reproducibly.
+
+    safetensors writes the header's metadata in hash-map order, which changes from run to run;
+    the header is rewritten here with its keys sorted (a valid file for every reader).
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)

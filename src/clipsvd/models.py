@@ -197,6 +197,12 @@ def _check_request(name: str, pretrained: str | None) -> str | None:
     raise ModelError(f"unknown pretrained tag {pretrained!r} for model {name!r}; valid tags: {valid}")
 
 
+def check_model_request(name: str, pretrained: str | None) -> None:
+    """Check a model name and pretrained tag or file without building the model or loading
+    weights (``clipsvd validate``); raises the same ModelError as :func:`load_model`."""
+    _check_request(name, pretrained or None)
+
+
 def _build_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
     try:
         return open_clip.get_tokenizer(name)

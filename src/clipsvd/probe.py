@@ -13,7 +13,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from .io import atomic_path
+from .io import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,6 @@ def probe_probabilities(model: LogisticRegression, x: np.ndarray, n_classes: int
 
 def save_probe(path, model: LogisticRegression, n_classes: int, c: float) -> None:
     """Only what was trained: the weight matrix and bias over all classes (safetensors)."""
-    from safetensors.torch import save_file
-
     weight = np.zeros((n_classes, model.coef_.shape[1]), dtype=np.float32)
     bias = np.full(n_classes, -np.inf, dtype=np.float32)
     if len(model.classes_) == 2:  # sklearn stores one row for binary problems
@@ -67,6 +65,5 @@ def save_probe(path, model: LogisticRegression, n_classes: int, c: float) -> Non
     else:
         weight[model.classes_] = model.coef_
         bias[model.classes_] = model.intercept_
-    with atomic_path(path) as tmp:
-        save_file({"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}, str(tmp),
-                  metadata={"method": "linear_probe", "C": repr(c)})
+    write_safetensors(path, {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)},
+                      {"method": "linear_probe", "C": repr(c)})

@@ -24,7 +24,7 @@ from .adapters import ADAPTERS, attach
 from .adapters.base import Adapter
 from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
 from .data.store import PreparedStore
-from .devices import autocast_dtype, claimed_gpu_slot, resolve_device
+from .devices import autocast_dtype, batch_size_on_oom, claimed_gpu_slot, resolve_device
 from .errors import ConfigError, TrainingError
 from .io import atomic_path, read_json, write_json
 from .models import LoadedModel, encode_class_prompts, encode_images, load_model
@@ -123,39 +123,43 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     model.train()
     started = time.perf_counter()
     last_report = started
-    for step in range(steps):
-        if len(order) == 0:
-            order = torch.randperm(len(labels), generator=generator)
-        batch_idx, order = order[:settings.batch_size], order[settings.batch_size:]
-        batch = torch.stack([augment(images[i]) for i in batch_idx.tolist()])
-        batch = normalize(batch.float().div_(255)).to(device, non_blocking=True)
-        target = labels[batch_idx].to(device)
-        step_lr = cosine_lr(step, steps, lr, settings.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                              enabled=amp_dtype is not None):
-            text = encode_class_prompts(loaded, split["classes"], dataset_cfg.templates, device)
-            feats = encode_images(model, batch)
-            logits = scale * feats @ text.t()
-            loss = F.cross_entropy(logits.float(), target)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {step + 1} of {steps} (learning rate "
-                    f"{step_lr:.3g}); lower the learning rate ({method}.lr or "
-                    f"datasets.*.overrides.{method}.lr)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        accuracy = (logits.argmax(1) == target).float().mean().item()
-        history.append({"step": step + 1, "loss": loss.item(), "accuracy": accuracy, "lr": step_lr})
-        now = time.perf_counter()
-        if now - last_report > 10 or step + 1 == steps:
-            rate = (step + 1) / (now - started)
-            log.info("step %d/%d loss %.4f batch accuracy %.3f lr %.2e (%.1f steps/s, ETA %.0f s)",
-                     step + 1, steps, loss.item(), accuracy, step_lr, rate, (steps - step - 1) / rate)
-            last_report = now
+    overridden = "batch_size" in dataset_cfg.overrides.get(method, {})
+    batch_key = (f"datasets[{dataset}].overrides.{method}.batch_size" if overridden
+                 else f"{method}.batch_size")
+    with batch_size_on_oom(batch_key, settings.batch_size, device):
+        for step in range(steps):
+            if len(order) == 0:
+                order = torch.randperm(len(labels), generator=generator)
+            batch_idx, order = order[:settings.batch_size], order[settings.batch_size:]
+            batch = torch.stack([augment(images[i]) for i in batch_idx.tolist()])
+            batch = normalize(batch.float().div_(255)).to(device, non_blocking=True)
+            target = labels[batch_idx].to(device)
+            step_lr = cosine_lr(step, steps, lr, settings.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                  enabled=amp_dtype is not None):
+                text = encode_class_prompts(loaded, split["classes"], dataset_cfg.templates, device)
+                feats = encode_images(model, batch)
+                logits = scale * feats @ text.t()
+                loss = F.cross_entropy(logits.float(), target)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step + 1} of {steps} (learning rate "
+                        f"{step_lr:.3g}); lower the learning rate ({method}.lr or "
+                        f"datasets.*.overrides.{method}.lr)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            accuracy = (logits.argmax(1) == target).float().mean().item()
+            history.append({"step": step + 1, "loss": loss.item(), "accuracy": accuracy, "lr": step_lr})
+            now = time.perf_counter()
+            if step == 0 or now - last_report > 10 or step + 1 == steps:
+                rate = (step + 1) / (now - started)
+                log.info("step %d/%d loss %.4f batch accuracy %.3f lr %.2e (%.1f steps/s, ETA %.0f s)",
+                         step + 1, steps, loss.item(), accuracy, step_lr, rate, (steps - step - 1) / rate)
+                last_report = now
     seconds = time.perf_counter() - started
     model.eval()
 

@@ -16,11 +16,10 @@ from typing import Any, ClassVar, ContextManager, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ModelError
-from ..io import atomic_path
+from ..io import write_safetensors
 
 FORMAT_VERSION = "1"
 
@@ -94,8 +93,7 @@ class Adapter(ABC):
         """
         header = {str(k): str(v) for k, v in (metadata or {}).items()}
         header.update(self.metadata())
-        with atomic_path(path) as tmp:
-            save_file(self.state_dict(), str(tmp), metadata=header)
+        write_safetensors(path, self.state_dict(), header)
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict[str, str]:
