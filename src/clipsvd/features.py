@@ -34,7 +34,7 @@ def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path,
     started = last = time.perf_counter()
     with batch_size_on_oom("eval_batch_size", batch_size, device):
         for start in range(0, n, batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(store.images[start:start + batch_size]))
+            batch = torch.from_numpy(np.array(store.images[start:start + batch_size]))
             batch = (batch.to(device).float().div_(255) - mean) / std
             chunks.append(encode_images(model, batch).float().cpu().numpy())
             now = time.perf_counter()
