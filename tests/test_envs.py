@@ -44,3 +44,36 @@ def test_every_rule_names_the_conda_env():
         text = smk.read_text()
         rules = len(re.findall(r"^rule \w+:", text, re.M))
         assert text.count("conda:") == rules, f"{smk.name}: a rule has no conda: directive"
+
+
+def _third_party_imports() -> set[str]:
+    """Top-level modules that the package (which every rule runs) imports, stdlib excluded."""
+    import ast
+    import sys
+
+    modules = set()
+    for path in (ROOT / "src" / "clipsvd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m != "clipsvd"}
+
+
+def test_every_package_the_rules_import_is_in_the_conda_env():
+    from importlib.metadata import packages_distributions
+
+    env = yaml.safe_load((ROOT / "envs" / "clipsvd.yaml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_pins = pins(pip_section)
+    distributions = packages_distributions()
+    # Optional: BiomedCLIP's text tower needs transformers (the README says to install it).
+    optional = {"transformers"}
+    for module in sorted(_third_party_imports() - optional):
+        names = {canonicalize_name(d) for d in distributions.get(module, [])}
+        assert names, f"src/clipsvd imports {module!r}, which no installed distribution provides"
+        provided = names & set(conda_pins)
+        # A module can come in through a pinned package's own dependencies (e.g. scipy's via
+        # scikit-learn is pinned explicitly; PIL is pillow); require an explicit pin.
+        assert provided, f"src/clipsvd imports {module!r} ({', '.join(sorted(names))}): pin it in envs/clipsvd.yaml"

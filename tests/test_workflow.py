@@ -111,3 +111,12 @@ def test_snakefmt_is_clean():
     files = [str(ROOT / "Snakefile"), str(ROOT / "workflow")]
     result = subprocess.run([snakefmt, "--check", *files], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_snakemake_report_holds_the_table_and_plot(study, tmp_path):
+    out = tmp_path / "snakemake-report.html"
+    snakemake(study, "--report", str(out))
+    html = out.read_text(errors="replace")
+    for name in ("accuracy.csv", "accuracy_vs_shots.png", "report.html"):
+        assert name in html, name

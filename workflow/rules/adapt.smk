@@ -105,6 +105,8 @@ rule interpret:
         f"{layout.RUN}/interpret/interpret.json",
     log:
         f"{layout.RUN}/interpret.log",
+    benchmark:
+        f"{layout.RUN}/interpret.benchmark.tsv"
     wildcard_constraints:
         method="clip_svd",
     conda:
