@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import svd_cache
 from ..errors import ModelError
 from .base import Adapter, count_parameters, freeze, has_adapter
 
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ENCODERS = ("vision", "text")
 MATRICES = ("q", "k", "v", "out", "mlp_fc", "mlp_proj")
+EXECUTIONS = ("auto", "recompose", "factored")
 MATRIX_GROUPS = {"mlp": ("mlp_fc", "mlp_proj"), "attn": ("q", "k", "v", "out"),
                  "qkv": ("q", "k", "v")}
 
@@ -261,10 +265,16 @@ class SingularValueDelta(nn.Module):
 
     ``num_blocks`` is 3 for a fused q/k/v weight (each third decomposed separately) and 1
     otherwise; blocks not selected get no delta. U, s0, Vh are non-persistent buffers (they are
-    recomputed from W0 at attach, so they never bloat a model's state dict).
+    recomputed from W0 at attach, or read from the SVD cache (:mod:`clipsvd.svd_cache`,
+    ``cache``: True for the default directory, None to bypass it, or a directory), so they
+    never bloat a model's state dict).
+
+    ``execution`` ("auto", "recompose" or "factored") is how an unfused ``nn.Linear`` whose
+    forward SVDAdapter took over applies the adapted weight; see :func:`choose_execution`.
     """
 
-    def __init__(self, weight: torch.Tensor, num_blocks: int, selected: Sequence[int]):
+    def __init__(self, weight: torch.Tensor, num_blocks: int, selected: Sequence[int],
+                 cache: Any = True):
         super().__init__()
         rows = weight.shape[0]
         if rows % num_blocks:
@@ -274,15 +284,18 @@ class SingularValueDelta(nn.Module):
         self.block_rows = rows // num_blocks
         self.selected = sorted(selected)
         self.s = nn.ParameterDict()
-        source = weight.detach().to("cpu", torch.float64)
+        self.execution = "auto"
+        self.label = ""
+        self._announced: set[str] = set()
+        source = weight.detach().to("cpu")
+        device = weight.device
         for block in self.selected:
             part = source[block * self.block_rows:(block + 1) * self.block_rows]
-            u, s0, vh = torch.linalg.svd(part, full_matrices=False)
-            device = weight.device
-            self.register_buffer(f"U_{block}", u.to(device, torch.float32), persistent=False)
-            self.register_buffer(f"Vh_{block}", vh.to(device, torch.float32), persistent=False)
-            self.register_buffer(f"s0_{block}", s0.to(device, torch.float32), persistent=False)
-            self.s[str(block)] = nn.Parameter(s0.to(device, torch.float32).clone())
+            u, s0, vh = svd_cache.decompose(part, cache)
+            self.register_buffer(f"U_{block}", u.to(device), persistent=False)
+            self.register_buffer(f"Vh_{block}", vh.to(device), persistent=False)
+            self.register_buffer(f"s0_{block}", s0.to(device), persistent=False)
+            self.s[str(block)] = nn.Parameter(s0.to(device).clone())
 
     def factors(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (getattr(self, f"U_{block}"), getattr(self, f"s0_{block}"),
@@ -292,9 +305,35 @@ class SingularValueDelta(nn.Module):
         u, s0, vh = self.factors(block)
         return (u * (self.s[str(block)] - s0)) @ vh
 
+    def factored(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (U diag(s - s0) Vh)ᵀ`` without forming the matrix: x → Vhᵀ → ·(s − s0) → Uᵀ."""
+        u, s0, vh = self.factors(0)
+        scale = self.s["0"] - s0
+        return ((x @ vh.t().to(x.dtype)) * scale.to(x.dtype)) @ u.t().to(x.dtype)
+
+    def choose(self, x: torch.Tensor) -> str:
+        """The execution for one call on input ``x`` (logged once per layer and choice)."""
+        u, _, vh = self.factors(0)
+        rows, cols = u.shape[0], vh.shape[1]
+        tokens = x.numel() // max(cols, 1)
+        training = torch.is_grad_enabled() and self.s["0"].requires_grad
+        if self.execution != "auto":
+            choice = self.execution
+        else:
+            choice = choose_execution(rows, cols, tokens, training)
+        if choice not in self._announced:
+            self._announced.add(choice)
+            recompose, factored = execution_costs(rows, cols, tokens, training)
+            log.info("CLIP-SVD %s (%dx%d): %s for %d tokens (%s; est. multiply-adds: recompose "
+                     "%.3g, factored %.3g)", self.label or "layer", rows, cols, choice, tokens,
+                     "training" if training else "no grad", recompose, factored)
+        return choice
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.num_blocks == 1:
-            return weight + self.delta(0).to(weight.dtype)
+            u, s0, vh = self.factors(0)
+            return torch.addmm(weight, (u * (self.s["0"] - s0)).to(weight.dtype),
+                               vh.to(weight.dtype))
         pieces = []
         for block in range(self.num_blocks):
             if block in self.selected:
@@ -302,6 +341,64 @@ class SingularValueDelta(nn.Module):
             else:
                 pieces.append(weight.new_zeros(self.block_rows, weight.shape[1]))
         return weight + torch.cat(pieces, dim=0)
+
+
+def execution_costs(rows: int, cols: int, tokens: int, training: bool = True
+                    ) -> tuple[float, float]:
+    """Estimated multiply-adds of the two ways to apply ``W0 + U diag(Δs) Vh`` (rows × cols,
+    rank r = min(rows, cols)) to ``tokens`` input rows, beyond what ``x W0ᵀ`` and its input
+    gradient cost anyway. Returns (recompose, factored).
+
+    Training step (forward and backward):
+
+    - recompose: form W once (rows·cols·r), push the weight gradient back onto Δs
+      (dW Vhᵀ: rows·cols·r), and compute that weight gradient at all (Gᵀ X:
+      tokens·rows·cols) → ``T·m·n + 2·m·n·r``;
+    - factored: x → Vhᵀ → ·Δs → Uᵀ forward (T·r·(m + n)) and the same again backward for
+      the input gradient; the gradient of Δs is an elementwise product of saved activations
+      → ``2·T·r·(m + n)``.
+
+    So the factored form wins only for few tokens: for a square d × d layer when
+    T < 2d/3 (ViT-B/16 width 768: under 512 tokens, i.e. a batch of 2-3 images or a few short
+    prompts); a batch-32 image step (6,304 tokens) always recomposes. Without gradients
+    (evaluation inside ``cached()``) the recomposed weight is reused by every call, so
+    recompose is chosen and its cost counted once (m·n·r) against T·r·(m + n).
+    """
+    rank = min(rows, cols)
+    if training:
+        return (float(tokens) * rows * cols + 2.0 * rows * cols * rank,
+                2.0 * tokens * rank * (rows + cols))
+    return float(rows) * cols * rank, float(tokens) * rank * (rows + cols)
+
+
+def choose_execution(rows: int, cols: int, tokens: int, training: bool = True) -> str:
+    """"factored" when :func:`execution_costs` says it is cheaper during training, else
+    "recompose"."""
+    if not training:
+        return "recompose"
+    recompose, factored = execution_costs(rows, cols, tokens, training)
+    return "factored" if factored < recompose else "recompose"
+
+
+def _adaptive_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Forward of an adapted, unfused ``nn.Linear``: recompose or factored per call."""
+    delta: SingularValueDelta = self.parametrizations.weight[0]
+    if delta.choose(x) == "factored":
+        original = self.parametrizations.weight.original
+        return F.linear(x, original, self.bias) + delta.factored(x)
+    return F.linear(x, self.weight, self.bias)
+
+
+def _factorable(model: nn.Module, module_path: str, module: nn.Module, pname: str,
+                num_blocks: int) -> bool:
+    """True for an unfused ``nn.Linear`` weight that its own forward applies. q/k/v inside a
+    fused weight and ``nn.MultiheadAttention.out_proj`` (whose weight the attention reads
+    directly, never calling the Linear) always recompose."""
+    if num_blocks != 1 or pname != "weight" or type(module).forward is not nn.Linear.forward:
+        return False
+    parent_path = module_path.rpartition(".")[0]
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return not isinstance(parent, nn.MultiheadAttention)
 
 
 @dataclass
@@ -372,7 +469,11 @@ class SVDAdapter(Adapter):
                 raise ModelError(f"CLIP-SVD expected a 2-D weight at {module_path}.{pname}")
             blocks = [item[3] for item in entry["items"]]
             delta = SingularValueDelta(weight, entry["num_blocks"], blocks)
+            delta.label = module_path
+            factorable = _factorable(model, module_path, module, pname, entry["num_blocks"])
             parametrize.register_parametrization(module, pname, delta, unsafe=True)
+            if factorable:
+                module.forward = types.MethodType(_adaptive_linear_forward, module)
             original = module.parametrizations[pname].original
             original.requires_grad_(False)
             rows = weight.shape[0] // entry["num_blocks"]
@@ -407,6 +508,22 @@ class SVDAdapter(Adapter):
             if t.key == key:
                 return t
         raise KeyError(key)
+
+    def set_execution(self, mode: str) -> None:
+        """Force "recompose" or "factored" on every layer that can choose, or "auto" (default).
+        Fused q/k/v blocks and attention output projections always recompose."""
+        if mode not in EXECUTIONS:
+            raise ModelError(f"CLIP-SVD execution {mode!r} invalid; choose from {EXECUTIONS}")
+        for t in self.targets:
+            t.parametrization.execution = mode
+
+    def executions(self) -> dict[str, bool]:
+        """Per adapted key: whether its layer can choose the factored form."""
+        out = {}
+        for t in self.targets:
+            module = self.model.get_submodule(t.module_path)
+            out[t.key] = getattr(module.forward, "__func__", None) is _adaptive_linear_forward
+        return out
 
     @contextlib.contextmanager
     def cached(self) -> Iterator[None]:

@@ -1,0 +1,314 @@
+"""Benchmark 1: one adaptation step of ViT-B/16 CLIP, three ways, measured side by side.
+
+    .venv/bin/python benchmarks/adaptation_step.py                  # batch 32, 2 warm-up + 5 timed
+    .venv/bin/python benchmarks/adaptation_step.py --batch 8 --quick
+
+Variants (open_clip ``ViT-B-16`` with random weights, both encoders, 10 classes, 224 px):
+
+- (a) ``full``: full fine-tuning, every parameter trainable, AdamW.
+- (b) ``factored``: the public CLIP-SVD code's form, reimplemented here: every adapted linear
+  layer applied as x → Vᵀ → ·s → U (no weight recomposition, no W0), attention rewritten with
+  separate q, k, v projections (scaled-dot-product attention); only s trained, AdamW.
+- (c) ``clipsvd``: :class:`clipsvd.adapters.svd.SVDAdapter` with its default targets
+  (q, k, v, out, mlp of every block of both encoders), each step inside ``adapter.cached()``.
+
+Each variant runs in its own subprocess, one after the other, so peak memories do not mix and
+they share the machine's state as fairly as sequential runs can. Step time: median over the
+timed steps after warm-up (``time.perf_counter`` around forward + backward + optimizer step).
+Memory: resident set size sampled every 2 ms by a thread reading ``/proc/self/statm`` during
+the steps; reported as the peak during the steps and that peak minus the RSS just before the
+first step (the step's own working memory: activations, gradients, optimizer state, cached
+weights). ``--profile`` adds a torch.profiler table (top ops by self CPU time) of one step.
+``--write`` also stores the raw figures as benchmarks/adaptation_step_b<batch>.json (the
+figures in docs/benchmarks.md are copied from a run's printed table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"full": "(a) full fine-tuning", "factored": "(b) public factored form",
+            "clipsvd": "(c) clipsvd SVDAdapter"}
+N_CLASSES = 10
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the process's resident set size in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) The public implementation's factored form.
+
+
+def _factored_modules():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class FactoredLinear(nn.Module):
+        """y = ((x Vᵀ) · s) Uᵀ + b: the weight is never formed and W0 is not kept."""
+
+        def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, factors):
+            super().__init__()
+            u, s, vh = factors(weight)
+            self.register_buffer("U", u)
+            self.register_buffer("Vh", vh)
+            self.s = nn.Parameter(s.clone())
+            self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                               requires_grad=False)
+            # open_clip asks a block's c_fc for its weight dtype and checks this name first
+            self.int8_original_dtype = weight.dtype
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = ((x @ self.Vh.t()) * self.s) @ self.U.t()
+            return y if self.bias is None else y + self.bias
+
+    class SeparateQKVAttention(nn.Module):
+        """nn.MultiheadAttention (batch first) rewritten with separate q, k, v projections."""
+
+        def __init__(self, mha: nn.MultiheadAttention, factors):
+            super().__init__()
+            d = mha.embed_dim
+            self.heads = mha.num_heads
+            w, b = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+            self.q_proj = FactoredLinear(w[:d], b[:d], factors)
+            self.k_proj = FactoredLinear(w[d:2 * d], b[d:2 * d], factors)
+            self.v_proj = FactoredLinear(w[2 * d:], b[2 * d:], factors)
+            self.out_proj = FactoredLinear(mha.out_proj.weight.detach(),
+                                           mha.out_proj.bias.detach(), factors)
+
+        def forward(self, q_x, k_x, v_x, need_weights=False, attn_mask=None):
+            batch, length, d = q_x.shape
+            shape = (batch, -1, self.heads, d // self.heads)
+            q = self.q_proj(q_x).view(shape).transpose(1, 2)
+            k = self.k_proj(k_x).view(shape).transpose(1, 2)
+            v = self.v_proj(v_x).view(shape).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return self.out_proj(out.transpose(1, 2).reshape(batch, length, d)), None
+
+    return FactoredLinear, SeparateQKVAttention
+
+
+def make_factored(model) -> list:
+    """Rewrite every transformer block of both encoders into the public code's factored form."""
+    from clipsvd import svd_cache
+
+    FactoredLinear, SeparateQKVAttention = _factored_modules()
+    for blocks in (model.visual.transformer.resblocks, model.transformer.resblocks):
+        for block in blocks:
+            block.attn = SeparateQKVAttention(block.attn, svd_cache.decompose)
+            for name in ("c_fc", "c_proj"):
+                layer = getattr(block.mlp, name)
+                setattr(block.mlp, name, FactoredLinear(layer.weight.detach(),
+                                                        layer.bias.detach(),
+                                                        svd_cache.decompose))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [m.s for m in model.modules() if isinstance(m, FactoredLinear)]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# One variant, in this process.
+
+
+def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool,
+                execution: str) -> dict:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from clipsvd.models import load_model
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    loaded = load_model("ViT-B-16", None, init_seed=0)
+    model = loaded.model
+    tokens = loaded.tokenizer([f"a photo of a class{i}." for i in range(N_CLASSES)])
+    images = torch.randn(batch, 3, 224, 224)
+    labels = torch.randint(0, N_CLASSES, (batch,))
+    step_context = contextlib.nullcontext
+    if variant == "full":
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    elif variant == "factored":
+        params = make_factored(model)
+    elif variant == "clipsvd":
+        from clipsvd.adapters.svd import SVDAdapter
+
+        adapter = SVDAdapter.attach(model, {})
+        adapter.set_execution(execution)
+        params = adapter.trainable_parameters()
+        step_context = adapter.cached
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    setup_seconds = time.perf_counter() - started
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    model.train()
+
+    def step() -> float:
+        begin = time.perf_counter()
+        with step_context():
+            text = F.normalize(model.encode_text(tokens), dim=-1)
+            feats = F.normalize(model.encode_image(images), dim=-1)
+            loss = F.cross_entropy(100.0 * feats @ text.t(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        return time.perf_counter() - begin
+
+    for _ in range(warmup):
+        step()
+    before = rss_bytes()
+    with PeakRSS() as peak:
+        times = [step() for _ in range(steps)]
+    result = {"variant": variant, "batch": batch, "warmup": warmup, "steps": steps,
+              "times": times, "median_s": statistics.median(times),
+              "images_per_s": batch / statistics.median(times),
+              "trainable": sum(p.numel() for p in params),
+              "rss_before_mb": before / 2**20, "peak_rss_mb": peak.peak / 2**20,
+              "step_peak_mb": (peak.peak - before) / 2**20, "setup_s": setup_seconds,
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                      row_limit=12)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: each variant in its own subprocess, then the comparison.
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": gpu}
+
+
+def table(results: dict, batch: int) -> str:
+    a, b, c = (results.get(k) for k in ("full", "factored", "clipsvd"))
+    lines = [f"| variant (batch {batch}) | median step (s) | images/s | trainable | "
+             "peak RSS (MB) | step peak over set-up (MB) |", "|---|---|---|---|---|---|"]
+    for key, label in VARIANTS.items():
+        r = results.get(key)
+        if r:
+            lines.append(f"| {label} | {r['median_s']:.2f} | {r['images_per_s']:.2f} | "
+                         f"{r['trainable']:,} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['step_peak_mb']:.0f} |")
+    lines.append("")
+    if a and c:
+        lines.append(f"- step time c/a = {c['median_s'] / a['median_s']:.3f} (target ≤ 1.1)")
+        lines.append(f"- peak memory c/a = {c['peak_rss_mb'] / a['peak_rss_mb']:.3f} "
+                     f"(step peak over set-up c/a = "
+                     f"{c['step_peak_mb'] / max(a['step_peak_mb'], 1e-9):.3f}; target ≤ 1)")
+    if b and c:
+        lines.append(f"- step time b/c = {b['median_s'] / c['median_s']:.3f} "
+                     "(target ≥ 1.2 at batch 32)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")
+    parser.add_argument("--variants", default="full,factored,clipsvd")
+    parser.add_argument("--execution", default="auto", choices=["auto", "recompose", "factored"],
+                        help="clipsvd's per-layer execution (default: chosen by cost model)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md section")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.warmup, args.steps = 1, 3
+    if args.child:
+        result = run_variant(args.child, args.batch, args.warmup, args.steps, args.profile,
+                             args.execution)
+        print("RESULT " + json.dumps(result))
+        return
+
+    info = machine()
+    print(f"machine: {info}")
+    results = {}
+    for variant in args.variants.split(","):
+        command = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--execution", args.execution] + (["--profile"] if args.profile else [])
+        print(f"running {VARIANTS[variant]} ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(done.stdout[-3000:], done.stderr[-3000:])
+            raise SystemExit(f"variant {variant} failed")
+        results[variant] = json.loads(lines[-1][len("RESULT "):])
+        r = results[variant]
+        print(f"  median {r['median_s']:.2f} s/step over {r['steps']} steps "
+              f"({', '.join(f'{t:.2f}' for t in r['times'])}), peak RSS {r['peak_rss_mb']:.0f} MB, "
+              f"set-up {r['setup_s']:.1f} s", flush=True)
+        if r.get("profile"):
+            print(r["profile"])
+    text = table(results, args.batch)
+    print(text)
+    if args.write:
+        out = ROOT / "benchmarks" / f"adaptation_step_b{args.batch}.json"
+        out.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+        print(f"raw figures written to {out}")
+
+
+if __name__ == "__main__":
+    main()
