@@ -37,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": "(a) full fine-tuning", "factored": "(b) public factored form",
-            "clipsvd": "(c) clipsvd SVDAdapter"}
+            "clipsvd": "(c) clipsvd SVDAdapter", "clip_lora": "(d) CLIP-LoRA (baseline)",
+            "comp_lora": "(e) Comp-LoRA (baseline)"}
 N_CLASSES = 10
 
 
@@ -178,6 +179,12 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
         adapter.set_execution(execution)
         params = adapter.trainable_parameters()
         step_context = adapter.cached
+    elif variant in ("clip_lora", "comp_lora"):
+        from clipsvd.adapters import attach
+
+        adapter = attach(variant, model, {})  # the papers' defaults: q, k, v of both encoders
+        params = adapter.trainable_parameters()
+        step_context = adapter.cached
     else:
         raise SystemExit(f"unknown variant {variant}")
     setup_seconds = time.perf_counter() - started
@@ -266,7 +273,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")
-    parser.add_argument("--variants", default="full,factored,clipsvd")
+    parser.add_argument("--variants", default="full,factored,clipsvd",
+                        help="comma-separated; all methods: full,factored,clipsvd,clip_lora,comp_lora")
     parser.add_argument("--execution", default="auto", choices=["auto", "recompose", "factored"],
                         help="clipsvd's per-layer execution (default: chosen by cost model)")
     parser.add_argument("--profile", action="store_true")

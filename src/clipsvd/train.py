@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -175,6 +176,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     }
     if device.type == "cuda":
         summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # the process's peak resident memory (Linux reports KiB)
+        summary["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter.save(out_dir / layout.ADAPTER, {
         "method": method, "model_name": cfg.model.name, "model_fingerprint": loaded.fingerprint,
