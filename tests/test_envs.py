@@ -68,9 +68,7 @@ def test_every_package_the_rules_import_is_in_the_conda_env():
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     conda_pins = pins(pip_section)
     distributions = packages_distributions()
-    # Optional: BiomedCLIP's text tower needs transformers (the README says to install it).
-    optional = {"transformers"}
-    for module in sorted(_third_party_imports() - optional):
+    for module in sorted(_third_party_imports()):
         names = {canonicalize_name(d) for d in distributions.get(module, [])}
         assert names, f"src/clipsvd imports {module!r}, which no installed distribution provides"
         provided = names & set(conda_pins)

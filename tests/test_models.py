@@ -144,3 +144,24 @@ def test_class_prompts_are_normalised_averaged_and_differentiable():
     assert torch.allclose(learned, loaded.model.logit_scale.exp() * images @ features.t())
     with pytest.raises(ModelError, match="no '\\{\\}'"):
         encode_class_prompts(loaded, ["dog"], ["a photo"])
+
+
+def test_tiny_biomedclip_loads_with_hub_offline_and_an_empty_cache(tmp_path):
+    """BiomedCLIP's layout (timm trunk + Hugging Face BERT text tower) comes from files in the
+    package: no hub download, no cache, and the BERT tower is random, not from_pretrained."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    code = ("from clipsvd.models import load_model\n"
+            "loaded = load_model('tiny-biomedclip', None, init_seed=3)\n"
+            "tokens = loaded.tokenizer(['a photo of a glioma tumor.'])\n"
+            "print('OK', type(loaded.model.text).__name__, tuple(tokens.shape), "
+            "tuple(loaded.model.encode_text(tokens).shape), loaded.fingerprint)\n")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=180)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
+    assert lines, result.stdout + result.stderr
+    assert lines[0].split()[1:6] == ["HFTextEncoder", "(1,", "32)", "(1,", "32)"]
+    assert lines[0].split()[-1] == load_model("tiny-biomedclip", None, init_seed=3).fingerprint
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.safetensors"))

@@ -6,12 +6,16 @@ Hugging Face ``hf-hub:`` id, a ``local-dir:`` folder, a local checkpoint file, o
 (random weights, for the offline demo and for benchmarks). Every failure a user can cause
 becomes a one-line :class:`~clipsvd.errors.ModelError` saying what to do.
 
-The tiny architectures shipped in ``model_configs/`` (``tiny-clip``) are registered with
-open_clip at import, so they are ordinary open_clip names everywhere.
+The tiny architectures shipped in ``model_configs/`` (``tiny-clip``, ``tiny-timm-clip``,
+``tiny-biomedclip``) are registered with open_clip at import, so they are ordinary open_clip
+names everywhere. ``tiny-biomedclip`` is BiomedCLIP's layout in miniature (timm ViT trunk, a
+2-layer BERT text tower built by ``transformers`` from ``resources/tiny-bert``); loading it
+needs the ``transformers`` package but no network.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import urllib.error
@@ -56,14 +60,40 @@ def _register_timm_micro_vit() -> None:
         register_model(clipsvd_vit_micro_patch8_64)
 
 
+def _register_hf_text_configs(folder: Path) -> None:
+    """Register the configs in ``folder`` written like a hub ``open_clip_config.json``
+    (``{"model_cfg": {...}}``), whose ``hf_model_name``/``hf_tokenizer_name`` name a local folder
+    relative to the file ("../resources/tiny-bert"); transformers needs that folder's absolute
+    path, which only exists once the package is installed, so it is filled in here.
+
+    open_clip's public ``add_model_config`` only reads flat configs and skips these files (no
+    top-level ``embed_dim``), so they go into its registry dict directly; a later rescan
+    (another ``add_model_config``) keeps entries it has no file for, so they stay registered.
+    """
+    from open_clip import factory
+
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        config = data.get("model_cfg") if isinstance(data, dict) else None
+        if not isinstance(config, dict):
+            continue
+        text_cfg = config.get("text_cfg", {})
+        for key in ("hf_model_name", "hf_tokenizer_name"):
+            value = text_cfg.get(key)
+            if isinstance(value, str) and value.startswith(("./", "../")):
+                text_cfg[key] = str((path.parent / value).resolve())
+        factory._MODEL_CONFIGS[path.stem] = config
+
+
 _register_timm_micro_vit()
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+_register_hf_text_configs(MODEL_CONFIG_DIR)
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
-EXAMPLE_MODELS = ("tiny-clip", "tiny-timm-clip", "ViT-B-16", "ViT-B-32", "ViT-L-14",
-                  "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+EXAMPLE_MODELS = ("tiny-clip", "tiny-timm-clip", "tiny-biomedclip", "ViT-B-16", "ViT-B-32",
+                  "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
 
 __all__ = ["LoadedModel", "load_model", "encode_class_prompts", "encode_images", "logits",
            "format_prompts", "state_dict_fingerprint", "MODEL_CONFIG_DIR"]
@@ -233,8 +263,11 @@ def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
+            # pretrained_text=False: a Hugging Face text tower (BiomedCLIP's BERT) gets its
+            # weights from the CLIP checkpoint or stays random, never a separate hub download.
             model = open_clip.create_model(name, pretrained=pretrained, device=device,
-                                           require_pretrained=require, weights_only=True)
+                                           require_pretrained=require, weights_only=True,
+                                           pretrained_text=False)
     except ModelError:
         raise
     except ImportError as exc:
