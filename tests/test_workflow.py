@@ -72,6 +72,22 @@ def test_default_study_report_and_mlflow(study):
                   if r.data.tags["method"] == method}
         assert logged == set(runs_of(method)), method
     assert all("accuracy" in r.data.metrics for r in children)
+    names = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {"metrics.json", "predictions.csv", "confusion_matrix.png", "evaluate.log"} <= names
+
+
+@pytest.mark.slow
+def test_default_study_interprets_its_clip_svd_runs(study):
+    cfg = yaml.safe_load((study / "config" / "config.yaml").read_text())
+    runs = study / "results" / "runs" / cfg["study"] / "demo_scans" / "clip_svd" / "few_shot"
+    for shots in cfg["shots"]:
+        for seed in cfg["seeds"]:
+            folder = runs / f"shots{shots}" / f"seed{seed}" / "interpret"
+            for name in ("interpret.json", "summary.md", "matrix_changes.csv", "head_changes.csv",
+                         "head_descriptions.csv", "matrix_heatmap.png"):
+                assert (folder / name).stat().st_size > 0, folder / name
+    html = (study / "results" / "report" / cfg["study"] / "report.html").read_text()
+    assert "id='interpretation'" in html
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from .metrics import classification_metrics
 from .models import encode_class_prompts, encode_images, load_model
 from .provenance import file_sha256, git_state, package_versions
 from .probe import fit_linear_probe, probe_probabilities, save_probe
+from .report.figures import run_confusion_matrix
 from .train import attach_adapter, logit_scale_value, normalizer, split_images
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
     record = run_record(cfg, dataset, method, split, split_path, str(device), loaded.fingerprint)
     with atomic_path(run_dir / layout.PREDICTIONS) as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+    run_confusion_matrix(metrics, f"{dataset} {method} K={split['shots']} seed={split['seed']}",
+                         run_dir / layout.CONFUSION)
     write_json(run_dir / layout.RUN_RECORD, record)
     write_json(run_dir / layout.METRICS, metrics)
     return record

@@ -25,6 +25,7 @@ TRAIN_SUMMARY = "train.json"
 TRAIN_HISTORY = "train_history.csv"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
+CONFUSION = "confusion_matrix.png"  # the run's confusion matrix (an MLflow artifact too)
 TRACKING_RECORD = "mlflow.json"
 RUN_RECORD = "run.json"  # identity (MLflow tags) and provenance of the run
 

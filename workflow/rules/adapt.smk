@@ -66,6 +66,7 @@ rule evaluate:
     output:
         metrics=f"{layout.RUN}/{layout.METRICS}",
         predictions=f"{layout.RUN}/{layout.PREDICTIONS}",
+        confusion=f"{layout.RUN}/{layout.CONFUSION}",
         record=f"{layout.RUN}/{layout.RUN_RECORD}",
         tracking=f"{layout.RUN}/{layout.TRACKING_RECORD}",
     log:

@@ -93,6 +93,37 @@ def _confusion_groups(setting: str) -> list[tuple[str, str]]:
     return [("", "")]
 
 
+def _draw_confusion(ax, total: np.ndarray, names: list[str]) -> None:
+    """Row-normalised (% of the true class) with counts."""
+    support = total.sum(axis=1, keepdims=True)
+    share = np.divide(total, support, out=np.zeros_like(total), where=support > 0)
+    ax.imshow(100 * share, cmap="Blues", vmin=0, vmax=100)
+    for i in range(total.shape[0]):
+        for j in range(total.shape[1]):
+            ax.text(j, i, f"{100 * share[i, j]:.0f}%\n({int(total[i, j])})", ha="center",
+                    va="center", fontsize=8 if len(names) > 6 else 9,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=45, ha="right")
+    ax.set_yticks(ticks, names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+
+
+def run_confusion_matrix(metrics: dict, title: str, path: Path) -> None:
+    """The confusion matrices of one run (base and novel for base-to-novel), one PNG."""
+    plt = _pyplot()
+    panels = [(prefix, label) for prefix, label in (("", ""), ("base_", "base"), ("novel_", "novel"))
+              if f"{prefix}confusion_matrix" in metrics]
+    size = max(3.6, 0.55 * max(len(metrics[f"{p}class_names"]) for p, _ in panels) + 2.2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (prefix, label) in zip(axes[0], panels):
+        _draw_confusion(ax, np.asarray(metrics[f"{prefix}confusion_matrix"], dtype=float),
+                        metrics[f"{prefix}class_names"])
+        ax.set_title(f"{title}{', ' + label if label else ''}", fontsize=11)
+    _save(fig, path)
+
+
 def confusion_matrices(runs: pd.DataFrame, best: dict, dataset: str, setting: str,
                        path: Path) -> list[dict]:
     """One panel per method (columns) and class group (rows: base/novel for base-to-novel): the
@@ -129,19 +160,7 @@ def confusion_matrices(runs: pd.DataFrame, best: dict, dataset: str, setting: st
             if total is None:
                 ax.set_axis_off()
                 continue
-            support = total.sum(axis=1, keepdims=True)
-            share = np.divide(total, support, out=np.zeros_like(total), where=support > 0)
-            ax.imshow(100 * share, cmap="Blues", vmin=0, vmax=100)
-            for i in range(total.shape[0]):
-                for j in range(total.shape[1]):
-                    ax.text(j, i, f"{100 * share[i, j]:.0f}%\n({int(total[i, j])})", ha="center",
-                            va="center", fontsize=8 if n_classes > 6 else 9,
-                            color="white" if share[i, j] > 0.6 else "black")
-            ticks = range(len(names))
-            ax.set_xticks(ticks, names, rotation=45, ha="right")
-            ax.set_yticks(ticks, names)
-            ax.set_xlabel("predicted class")
-            ax.set_ylabel("true class")
+            _draw_confusion(ax, total, names)
             seeds = info["seeds"]
             title = f"{method_label(method)}, K={info['shots']}"
             title += (f"\n{len(seeds)} seeds summed" if len(seeds) > 1
