@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_helpers import assert_prepare_fails_cleanly
 from clipsvd.config import (ConfigError, DatasetConfig, MedmnistConfig, PreprocessingConfig,
                             SamplingConfig, SplitConfig, from_dict)
 from clipsvd.data.npz import NpzFile
@@ -364,14 +365,7 @@ def _coop_missing_key(root: Path) -> DatasetConfig:
     (_coop_missing_key, "split_BTMRI.json: needs a list under 'val'"),
 ])
 def test_bad_format_inputs_raise_one_line_and_leave_no_output(tmp_path, make, named):
-    dataset = make(tmp_path / "bad")
-    out = tmp_path / "out"
-    with pytest.raises(DataError) as info:
-        prepare_dataset(dataset, out, 8)
-    message = str(info.value)
-    assert named in message and "\n" not in message
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert_prepare_fails_cleanly(make(tmp_path / "bad"), tmp_path, named)
 
 
 # ----------------------------------------------------------------------------- rebuilds

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_helpers import assert_prepare_fails_cleanly
 from clipsvd.config import DatasetConfig, PreprocessingConfig, SplitConfig
 from clipsvd.data.prepare import prepare_dataset
 from clipsvd.data.sources import read_source
@@ -282,14 +283,7 @@ def _bad_dicom_without_pixels(root: Path) -> DatasetConfig:
     (_bad_dicom_without_pixels, "empty.dcm"),
 ])
 def test_bad_inputs_raise_one_line_and_leave_no_output(tmp_path, make, named):
-    dataset = make(tmp_path / "bad")
-    out = tmp_path / "out"
-    with pytest.raises(DataError) as info:
-        prepare_dataset(dataset, out, 8)
-    message = str(info.value)
-    assert named in message and "\n" not in message
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert_prepare_fails_cleanly(make(tmp_path / "bad"), tmp_path, named)
 
 
 def test_missing_root_and_manifest(tmp_path):
