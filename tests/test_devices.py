@@ -222,12 +222,7 @@ def test_snakemake_jobs_never_share_a_slot(slot_env, tmp_path):
     assert_no_shared_slot(uses)
 
 
-def _adapt_uses_slots() -> bool:
-    return "acquire_device" in (ROOT / "src" / "clipsvd" / "train.py").read_text()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _adapt_uses_slots(), reason="train.adapt does not call acquire_device yet")
 def test_study_with_two_fake_gpus_never_shares_a_slot(local_default_study):
     """The default study ran with --cores 4 --resources gpu=2 on a fake two-GPU machine
     (tests/conftest.py): every adapt job claimed a slot, both slots were used, none shared."""

@@ -456,10 +456,10 @@ def test_run_records_its_provenance(toy, two_runs):
 
 
 def test_run_folders_hold_no_pickles(two_runs):
-    allowed = {".safetensors", ".json", ".csv", ".log", ".tsv"}
+    allowed = {".safetensors", ".json", ".csv", ".log", ".tsv", ".png", ".md"}
     for run in two_runs[0].values():
-        for path in run.iterdir():
-            assert path.suffix in allowed, path
+        for path in run.rglob("*"):
+            assert path.is_dir() or path.suffix in allowed, path
 
 
 # ----------------------------------------------------------------------------- security
