@@ -107,20 +107,28 @@ def test_missing_local_dir(tmp_path):
         load_model(f"local-dir:{tmp_path / 'absent'}")
 
 
-def test_hf_hub_offline_without_cache_says_what_to_do(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+def _run_offline(code: str, tmp_path, marker: str, timeout: int = 120) -> list[str]:
+    """Run ``code`` in a fresh interpreter with the Hugging Face hub offline and an empty cache;
+    return its output lines that start with ``marker`` (at least one)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"))
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(marker)]
+    assert lines, result.stdout + result.stderr
+    return lines
+
+
+def test_hf_hub_offline_without_cache_says_what_to_do(tmp_path):
     code = ("from clipsvd.models import load_model\n"
             "from clipsvd.errors import ModelError\n"
             "try:\n"
             "    load_model('hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224')\n"
             "except ModelError as exc:\n"
             "    print('MODELERROR', exc)\n")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("MODELERROR")]
-    assert lines, result.stdout + result.stderr
+    lines = _run_offline(code, tmp_path, "MODELERROR")
     assert "HF_HUB_OFFLINE" in lines[0] and "local-dir:" in lines[0]
 
 
@@ -149,19 +157,12 @@ def test_class_prompts_are_normalised_averaged_and_differentiable():
 def test_tiny_biomedclip_loads_with_hub_offline_and_an_empty_cache(tmp_path):
     """BiomedCLIP's layout (timm trunk + Hugging Face BERT text tower) comes from files in the
     package: no hub download, no cache, and the BERT tower is random, not from_pretrained."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf"))
-    env.pop("HF_HUB_CACHE", None)
-    env.pop("HUGGINGFACE_HUB_CACHE", None)
     code = ("from clipsvd.models import load_model\n"
             "loaded = load_model('tiny-biomedclip', None, init_seed=3)\n"
             "tokens = loaded.tokenizer(['a photo of a glioma tumor.'])\n"
             "print('OK', type(loaded.model.text).__name__, tuple(tokens.shape), "
             "tuple(loaded.model.encode_text(tokens).shape), loaded.fingerprint)\n")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=180)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("OK")]
-    assert lines, result.stdout + result.stderr
+    lines = _run_offline(code, tmp_path, "OK", timeout=180)
     assert lines[0].split()[1:6] == ["HFTextEncoder", "(1,", "32)", "(1,", "32)"]
     assert lines[0].split()[-1] == load_model("tiny-biomedclip", None, init_seed=3).fingerprint
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.safetensors"))

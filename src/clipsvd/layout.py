@@ -39,11 +39,6 @@ ZERO_SHOT_SHOTS = 0
 ZERO_SHOT_SEED = 0
 
 
-def run_dir(study: str, dataset: str, method: str, setting: str, shots: int, seed: int) -> Path:
-    return Path(RUN.format(study=study, dataset=dataset, method=method, setting=setting,
-                           shots=shots, seed=seed))
-
-
 def model_slug(name: str, pretrained: str | None, init_seed: int) -> str:
     """A file-name-safe id of a model and its weights, for per-model caches."""
     import hashlib

@@ -29,7 +29,7 @@ from .devices import autocast_dtype, batch_size_on_oom, claimed_gpu_slot, resolv
 from .errors import ConfigError, TrainingError
 from .io import atomic_path, read_json, write_json
 from .models import LoadedModel, encode_class_prompts, encode_images, load_model
-from .seeding import seed_everything
+from .seeding import seed_everything, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     amp_dtype = autocast_dtype(settings.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -101,17 +101,24 @@ def summarise(runs: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     return sort_rows(table, KEYS)
 
 
-def summarise_all(runs: pd.DataFrame) -> pd.DataFrame:
-    """Long table over every scalar metric: KEYS, metric, mean, std, n_seeds."""
+def _for_every_metric(runs: pd.DataFrame, table_of, keys: list[str], values: list[str],
+                      order: list[str]) -> pd.DataFrame:
+    """``table_of(runs, metric)`` for every scalar metric of each setting, stacked long with a
+    ``metric`` column between ``keys`` and ``values``, sorted by ``order`` then metric."""
     parts = []
     for setting, part in runs.groupby("setting", sort=False):
         for metric in metrics_of(part, setting):
-            table = summarise(part, metric)
-            table.insert(4, "metric", metric)
+            table = table_of(part, metric)
+            table.insert(len(keys), "metric", metric)
             parts.append(table)
     if not parts:
-        return pd.DataFrame(columns=KEYS + ["metric", "mean", "std", "n_seeds"])
-    return sort_rows(pd.concat(parts, ignore_index=True), KEYS + ["metric"])
+        return pd.DataFrame(columns=keys + ["metric"] + values)
+    return sort_rows(pd.concat(parts, ignore_index=True), order + ["metric"])
+
+
+def summarise_all(runs: pd.DataFrame) -> pd.DataFrame:
+    """Long table over every scalar metric: KEYS, metric, mean, std, n_seeds."""
+    return _for_every_metric(runs, summarise, KEYS, ["mean", "std", "n_seeds"], KEYS)
 
 
 def average_over_datasets(runs: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
@@ -137,16 +144,8 @@ def average_over_datasets(runs: pd.DataFrame, metric: str = "accuracy") -> pd.Da
 
 def average_all(runs: pd.DataFrame) -> pd.DataFrame:
     """average_over_datasets for every scalar metric, long: method, setting, shots, metric, …"""
-    parts = []
-    for setting, part in runs.groupby("setting", sort=False):
-        for metric in metrics_of(part, setting):
-            table = average_over_datasets(part, metric)
-            table.insert(3, "metric", metric)
-            parts.append(table)
-    if not parts:
-        return pd.DataFrame(columns=["method", "setting", "shots", "metric", "mean", "std",
-                                     "n_datasets", "n_seeds"])
-    return sort_rows(pd.concat(parts, ignore_index=True), ["setting", "method", "shots", "metric"])
+    return _for_every_metric(runs, average_over_datasets, ["method", "setting", "shots"],
+                             ["mean", "std", "n_datasets", "n_seeds"], ["setting", "method", "shots"])
 
 
 def harmonic(base: float, novel: float) -> float:
