@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/adaptation_step.py                  # batch 32, 2 warm-up + 5 timed
     .venv/bin/python benchmarks/adaptation_step.py --batch 8 --quick
+    .venv/bin/python benchmarks/adaptation_step.py --device cuda --precision bf16   # on a GPU
 
 Variants (open_clip ``ViT-B-16`` with random weights, both encoders, 10 classes, 224 px):
 
@@ -10,7 +11,9 @@ Variants (open_clip ``ViT-B-16`` with random weights, both encoders, 10 classes,
   layer applied as x → Vᵀ → ·s → U (no weight recomposition, no W0), attention rewritten with
   separate q, k, v projections (scaled-dot-product attention); only s trained, AdamW.
 - (c) ``clipsvd``: :class:`clipsvd.adapters.svd.SVDAdapter` with its default targets
-  (q, k, v, out, mlp of every block of both encoders), each step inside ``adapter.cached()``.
+  (q, k, v, out, mlp of every block of both encoders), each step inside ``adapter.cached()``,
+  every layer's execution chosen by the cost model; ``clipsvd_recompose`` forces recomposition
+  everywhere (the bit-exact form), to show what the per-layer choice buys.
 
 Each variant runs in its own subprocess, one after the other, so peak memories do not mix and
 they share the machine's state as fairly as sequential runs can. Step time: median over the
@@ -18,7 +21,11 @@ timed steps after warm-up (``time.perf_counter`` around forward + backward + opt
 Memory: resident set size sampled every 2 ms by a thread reading ``/proc/self/statm`` during
 the steps; reported as the peak during the steps and that peak minus the RSS just before the
 first step (the step's own working memory: activations, gradients, optimizer state, cached
-weights). ``--profile`` adds a torch.profiler table (top ops by self CPU time) of one step.
+weights); on a GPU, ``torch.cuda.max_memory_allocated`` instead. FLOPs of one step (forward
+and backward) are counted by ``torch.utils.flop_counter.FlopCounterMode`` in an extra untimed
+step; achieved FLOP/s = FLOPs / median step time, and on a known GPU (or with
+``--peak-tflops``) its fraction of the device's peak dense matrix throughput at the precision.
+``--profile`` adds a torch.profiler table (top ops by self CPU time) of one step.
 ``--write`` also stores the raw figures as benchmarks/adaptation_step_b<batch>.json (the
 figures in docs/benchmarks.md are copied from a run's printed table).
 """
@@ -37,7 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": "(a) full fine-tuning", "factored": "(b) public factored form",
-            "clipsvd": "(c) clipsvd SVDAdapter", "clip_lora": "(d) CLIP-LoRA (baseline)",
+            "clipsvd": "(c) clipsvd SVDAdapter",
+            "clipsvd_recompose": "(c') clipsvd, recompose everywhere",
+            "clip_lora": "(d) CLIP-LoRA (baseline)",
             "comp_lora": "(e) Comp-LoRA (baseline)"}
 N_CLASSES = 10
 
@@ -149,22 +158,41 @@ def make_factored(model) -> list:
 # One variant, in this process.
 
 
+# Peak dense matrix throughput (TFLOP/s) at bf16/fp16 of GPUs this project is run on, from the
+# vendors' data sheets (without sparsity); fp32 runs report no fraction unless --peak-tflops.
+PEAK_TFLOPS_16BIT = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
+                     "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    if precision not in ("bf16", "fp16"):
+        return None
+    for key, value in PEAK_TFLOPS_16BIT.items():  # most specific names first
+        if key in device_name:
+            return value
+    return None
+
+
 def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool,
-                execution: str) -> dict:
+                device_name: str, precision: str) -> dict:
     import contextlib
 
     import torch
     import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
 
     from clipsvd.models import load_model
 
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
     started = time.perf_counter()
     loaded = load_model("ViT-B-16", None, init_seed=0)
     model = loaded.model
-    tokens = loaded.tokenizer([f"a photo of a class{i}." for i in range(N_CLASSES)])
-    images = torch.randn(batch, 3, 224, 224)
-    labels = torch.randint(0, N_CLASSES, (batch,))
+    tokens = loaded.tokenizer([f"a photo of a class{i}." for i in range(N_CLASSES)]).to(device)
+    images = torch.randn(batch, 3, 224, 224).to(device)
+    labels = torch.randint(0, N_CLASSES, (batch,)).to(device)
     step_context = contextlib.nullcontext
     if variant == "full":
         params = [p for p in model.parameters()]
@@ -172,11 +200,11 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
             p.requires_grad_(True)
     elif variant == "factored":
         params = make_factored(model)
-    elif variant == "clipsvd":
+    elif variant in ("clipsvd", "clipsvd_recompose"):
         from clipsvd.adapters.svd import SVDAdapter
 
-        adapter = SVDAdapter.attach(model, {})
-        adapter.set_execution(execution)
+        execution = "recompose" if variant == "clipsvd_recompose" else "auto"
+        adapter = SVDAdapter.attach(model, {"execution": execution})
         params = adapter.trainable_parameters()
         step_context = adapter.cached
     elif variant in ("clip_lora", "comp_lora"):
@@ -187,41 +215,60 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
         step_context = adapter.cached
     else:
         raise SystemExit(f"unknown variant {variant}")
+    model.to(device)
     setup_seconds = time.perf_counter() - started
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     model.train()
 
     def step() -> float:
         begin = time.perf_counter()
-        with step_context():
+        with step_context(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                            enabled=dtype is not None):
             text = F.normalize(model.encode_text(tokens), dim=-1)
             feats = F.normalize(model.encode_image(images), dim=-1)
-            loss = F.cross_entropy(100.0 * feats @ text.t(), labels)
+            loss = F.cross_entropy(100.0 * feats.float() @ text.float().t(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)
         return time.perf_counter() - begin
 
     for _ in range(warmup):
         step()
-    before = rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
     with PeakRSS() as peak:
         times = [step() for _ in range(steps)]
+    peak_bytes = torch.cuda.max_memory_allocated(device) if cuda else peak.peak
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    median = statistics.median(times)
+    achieved = flops / median / 1e12
+    gpu_name = torch.cuda.get_device_name(device) if cuda else ""
+    peak_rate = peak_tflops(gpu_name, precision) if cuda else None
     result = {"variant": variant, "batch": batch, "warmup": warmup, "steps": steps,
-              "times": times, "median_s": statistics.median(times),
-              "images_per_s": batch / statistics.median(times),
+              "device": gpu_name or "cpu", "precision": precision,
+              "times": times, "median_s": median, "images_per_s": batch / median,
               "trainable": sum(p.numel() for p in params),
-              "rss_before_mb": before / 2**20, "peak_rss_mb": peak.peak / 2**20,
-              "step_peak_mb": (peak.peak - before) / 2**20, "setup_s": setup_seconds,
+              "rss_before_mb": before / 2**20, "peak_rss_mb": peak_bytes / 2**20,
+              "step_peak_mb": (peak_bytes - before) / 2**20, "setup_s": setup_seconds,
+              "tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+              "peak_tflops": peak_rate,
+              "fraction_of_peak": achieved / peak_rate if peak_rate else None,
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
             step()
-        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total",
-                                                      row_limit=12)
+        result["profile"] = prof.key_averages().table(
+            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=12)
     return result
 
 
@@ -247,14 +294,19 @@ def machine() -> dict:
 
 def table(results: dict, batch: int) -> str:
     a, b, c = (results.get(k) for k in ("full", "factored", "clipsvd"))
+    memory = "peak GPU memory" if any(r["device"] != "cpu" for r in results.values()) \
+        else "peak RSS"
     lines = [f"| variant (batch {batch}) | median step (s) | images/s | trainable | "
-             "peak RSS (MB) | step peak over set-up (MB) |", "|---|---|---|---|---|---|"]
+             f"{memory} (MB) | step peak over set-up (MB) | TFLOP/step | TFLOP/s | "
+             "of peak |", "|---|---|---|---|---|---|---|---|---|"]
     for key, label in VARIANTS.items():
         r = results.get(key)
         if r:
-            lines.append(f"| {label} | {r['median_s']:.2f} | {r['images_per_s']:.2f} | "
+            share = f"{100 * r['fraction_of_peak']:.1f} %" if r["fraction_of_peak"] else "n/a"
+            lines.append(f"| {label} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
                          f"{r['trainable']:,} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['step_peak_mb']:.0f} |")
+                         f"{r['step_peak_mb']:.0f} | {r['tflop_per_step']:.3f} | "
+                         f"{r['achieved_tflops']:.3f} | {share} |")
     lines.append("")
     if a and c:
         lines.append(f"- step time c/a = {c['median_s'] / a['median_s']:.3f} (target ≤ 1.1)")
@@ -263,7 +315,13 @@ def table(results: dict, batch: int) -> str:
                      f"{c['step_peak_mb'] / max(a['step_peak_mb'], 1e-9):.3f}; target ≤ 1)")
     if b and c:
         lines.append(f"- step time b/c = {b['median_s'] / c['median_s']:.3f} "
-                     "(target ≥ 1.2 at batch 32)")
+                     "(target ≥ 1.2 at batch 32); FLOPs b/c = "
+                     f"{b['tflop_per_step'] / c['tflop_per_step']:.3f}")
+    recompose = results.get("clipsvd_recompose")
+    if recompose and c:
+        lines.append(f"- per-layer choice: step time c'/c = "
+                     f"{recompose['median_s'] / c['median_s']:.3f}, FLOPs c'/c = "
+                     f"{recompose['tflop_per_step'] / c['tflop_per_step']:.3f}")
     return "\n".join(lines)
 
 
@@ -275,8 +333,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")
     parser.add_argument("--variants", default="full,factored,clipsvd",
                         help="comma-separated; all methods: full,factored,clipsvd,clip_lora,comp_lora")
-    parser.add_argument("--execution", default="auto", choices=["auto", "recompose", "factored"],
-                        help="clipsvd's per-layer execution (default: chosen by cost model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast precision of the step (bf16/fp16 on a GPU)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak dense matrix TFLOP/s at --precision, for a GPU "
+                             "this script does not know")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -285,7 +347,10 @@ def main() -> None:
         args.warmup, args.steps = 1, 3
     if args.child:
         result = run_variant(args.child, args.batch, args.warmup, args.steps, args.profile,
-                             args.execution)
+                             args.device, args.precision)
+        if args.peak_tflops:
+            result["peak_tflops"] = args.peak_tflops
+            result["fraction_of_peak"] = result["achieved_tflops"] / args.peak_tflops
         print("RESULT " + json.dumps(result))
         return
 
@@ -295,7 +360,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps),
-                   "--execution", args.execution] + (["--profile"] if args.profile else [])
+                   "--device", args.device, "--precision", args.precision]
+        command += (["--profile"] if args.profile else [])
+        command += (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
         print(f"running {VARIANTS[variant]} ...", flush=True)
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
@@ -307,7 +374,7 @@ def main() -> None:
         r = results[variant]
         print(f"  median {r['median_s']:.2f} s/step over {r['steps']} steps "
               f"({', '.join(f'{t:.2f}' for t in r['times'])}), peak RSS {r['peak_rss_mb']:.0f} MB, "
-              f"set-up {r['setup_s']:.1f} s", flush=True)
+              f"set-up {r['setup_s']:.1f} s, {r['tflop_per_step']:.3f} TFLOP/step", flush=True)
         if r.get("profile"):
             print(r["profile"])
     text = table(results, args.batch)

@@ -8,8 +8,8 @@ study does. Phases: imports, model construction (open_clip ViT-B-16, random weig
 attach (SVD or cache read, plus the weight fingerprint), data (a K = 1, 10-class support set of
 uint8 224 px images, augmented and normalised like clipsvd.train), first step. The share of a
 K = 1 run is set-up / (set-up + steps × the measured step time), with ``--steps-per-run`` the
-run's step count (the natural-image recipe: 500 iterations per shot) and the batch the whole
-10-image support set.
+run's step count (default: what clipsvd's default CLIP-SVD recipe trains for a 10-image support
+set, ``clipsvd.train.total_steps``) and the batch the whole 10-image support set.
 """
 from __future__ import annotations
 
@@ -75,12 +75,20 @@ def child(started: float, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--steps-per-run", type=int, default=500)
+    parser.add_argument("--steps-per-run", type=int, default=None,
+                        help="steps of the K = 1 run (default: clipsvd's CLIP-SVD recipe)")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         print("RESULT " + json.dumps(child(args.child, args.batch)))
         return
+    if args.steps_per_run is None:
+        sys.path.insert(0, str(ROOT / "src"))
+        from clipsvd.config import ClipSvdConfig
+        from clipsvd.train import total_steps
+
+        args.steps_per_run = total_steps(ClipSvdConfig(), n_support=args.batch, shots=1)
+    print(f"K = 1 run of {args.steps_per_run} steps, batch {args.batch}", flush=True)
     cache = tempfile.mkdtemp(prefix="svd-cache-")
     env = {**os.environ, "CLIPSVD_SVD_CACHE": cache, "PYTHONPATH": str(ROOT / "src")}
     rows = {}

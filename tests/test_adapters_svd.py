@@ -27,21 +27,29 @@ def images():
     return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
 
 
+@pytest.mark.parametrize("execution", ["recompose", "auto"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_adapted_model_equals_pretrained_at_init(images, grad):
+def test_adapted_model_equals_pretrained_at_init(images, grad, execution):
     """Compared like for like: nn.MultiheadAttention takes its fused fast path only when no
     input needs grad, and the two kernels differ by ~1e-7, so the reference runs in the same
-    autograd state as the adapted model (frozen under no_grad, trainable under grad)."""
+    autograd state as the adapted model (frozen under no_grad, trainable under grad).
+
+    The recomposed delta form is bit-identical; under auto, training-mode calls with few
+    tokens take the factored form, which differs only by the round-off of U diag(s0) Vh."""
     reference = load_model("tiny-clip", None, init_seed=0)
     if not grad:
         freeze(reference.model)
     adapted = load_model("tiny-clip", None, init_seed=0)
-    SVDAdapter.attach(adapted.model, SVDConfig())
+    SVDAdapter.attach(adapted.model, SVDConfig(execution=execution))
     with torch.set_grad_enabled(grad):
         expected = _predict(reference, images)
         got = _predict(adapted, images)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
-    assert torch.equal(got, expected)  # the delta is exactly zero at init
+    # logits are 100 x cosine: a cosine round-off of 1e-7 is 1e-5 here
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    if execution == "recompose" or not grad:
+        assert torch.equal(got, expected)  # the delta is exactly zero at init
+    else:
+        assert not torch.equal(got, expected)  # the MLP layers really took the factored form
 
 
 def test_multihead_attention_fast_path_uses_adapted_weights(monkeypatch, images):

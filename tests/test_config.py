@@ -27,6 +27,7 @@ def test_defaults_are_filled():
     assert cfg.clip_svd.matrices == ("q", "k", "v", "out", "mlp")
     assert cfg.datasets[0].preprocessing.intensity == "percentile"
     assert cfg.model.name == "tiny-clip"
+    assert cfg.threads == 2 and cfg.clip_svd.execution == "auto"
 
 
 def test_fingerprint_changes_with_content():
@@ -52,6 +53,8 @@ def test_fingerprint_changes_with_content():
     (with_(clip_svd={"epochs": 3, "iterations_per_shot": 100}), "clip_svd"),
     (with_(clip_svd={"crop_scale": [0.9, 0.1]}), "clip_svd.crop_scale"),
     (with_(model={"logit_scale": -1}), "model.logit_scale"),
+    (with_(threads=0), "threads"),
+    (with_(clip_svd={"execution": "fast"}), "clip_svd.execution"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:

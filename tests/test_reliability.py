@@ -385,7 +385,8 @@ def test_clone_and_study_paths_with_spaces_and_non_ascii(tmp_path):
 
 
 METHODS = ("clip_svd", "clip_lora", "comp_lora", "linear_probe")
-TIMING = {"train_seconds", "steps_per_second", "eval_seconds", "peak_memory_mb"}  # measured, not computed
+TIMING = {"train_seconds", "steps_per_second", "data_seconds", "loader_fraction",
+          "eval_seconds", "peak_memory_mb"}  # measured, not computed
 
 
 def _study_once(toy: Path, out: Path) -> dict[str, Path]:
@@ -453,6 +454,25 @@ def test_run_records_its_provenance(toy, two_runs):
     summary = json.loads((run / layout.TRAIN_SUMMARY).read_text())
     assert summary["model_fingerprint"] == provenance["model_fingerprint"]
     assert summary["config"]["config_hash"] == cfg.fingerprint()
+
+
+def test_training_never_decodes_image_files(toy, tmp_path, monkeypatch):
+    """Batches come from the prepared uint8 store in memory; the summary says how much of the
+    training time building them took."""
+    import nibabel
+    import PIL.Image
+    import pydicom
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image file was decoded during training")
+
+    for module, name in ((PIL.Image, "open"), (pydicom, "dcmread"), (nibabel, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    cfg = config.from_dict(study(toy))
+    summary = adapt(cfg, "toy", "clip_svd", toy / "split.json", toy / "store", tmp_path / "run")
+    assert 0 < summary["data_seconds"] < summary["train_seconds"]
+    assert summary["loader_fraction"] == pytest.approx(
+        summary["data_seconds"] / summary["train_seconds"], abs=2e-3)
 
 
 def test_run_folders_hold_no_pickles(two_runs):

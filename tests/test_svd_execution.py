@@ -47,7 +47,7 @@ def _step(loaded, adapter, batch: int = 3):
     images = torch.randn(batch, 3, size, size, generator=generator)
     labels = torch.tensor([0, 2, 1])[:batch]
     model = loaded.model
-    model.train()
+    model.eval()  # no dropout (BERT has some), so the runs compare like for like; grads still flow
     tokens = loaded.tokenizer([f"a photo of {c}" for c in CLASSES])
     with adapter.cached():
         text = F.normalize(model.encode_text(tokens), dim=-1)
@@ -61,19 +61,22 @@ def _step(loaded, adapter, batch: int = 3):
     return logits.detach(), grads
 
 
-def test_cost_model_picks_factored_only_for_few_tokens():
+def test_cost_model_picks_per_layer_shape_and_tokens():
     assert choose_execution(768, 768, 32 * 197) == "recompose"  # batch-32 ViT-B/16 step
     assert choose_execution(768, 768, 100) == "factored"
-    assert choose_execution(768, 3072, 100) == "factored"
+    # the 4x-wide MLP layers take the factored form at any token count
+    for tokens in (1, 770, 32 * 197, 10 ** 6):
+        assert choose_execution(3072, 768, tokens) == "factored"
+        assert choose_execution(768, 3072, tokens) == "factored"
     assert choose_execution(768, 768, 100, training=False) == "recompose"
     recompose, factored = execution_costs(64, 64, 10)
-    assert recompose == 10 * 64 * 64 + 2 * 64 ** 3 and factored == 2 * 10 * 64 * 128
-    # the crossover for a square layer sits at T = 2d/3
-    assert choose_execution(300, 300, 199) == "factored"
-    assert choose_execution(300, 300, 201) == "recompose"
+    assert recompose == 3 * 10 * 64 * 64 + 2 * 64 ** 3 and factored == 2 * 10 * 64 * 128
+    # the crossover for a square layer sits at T = 2d
+    assert choose_execution(300, 300, 599) == "factored"
+    assert choose_execution(300, 300, 601) == "recompose"
 
 
-@pytest.mark.parametrize("name", ["tiny-clip", "tiny-timm-clip"])
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-timm-clip", "tiny-biomedclip"])
 def test_every_execution_gives_the_reference_outputs_and_gradients(name):
     ref_logits, ref_grads = _step(*_adapted(name, "recompose"))
     for mode in ("factored", "auto"):
@@ -121,17 +124,29 @@ def test_factored_linear_matches_explicit_float64_weight():
         torch.testing.assert_close(delta.s["0"].grad.double(), s.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_factored_is_exact_at_init():
+def test_recompose_is_exact_and_factored_within_round_off_at_init():
     loaded = load_model("tiny-clip", None, init_seed=3)
     images = torch.randn(2, 3, loaded.image_size, loaded.image_size)
     loaded.model.train()  # the same (non fast-path) attention kernels before and after
     with torch.no_grad():
         before = loaded.model.encode_image(images)
-    adapter = SVDAdapter.attach(loaded.model, {})
-    adapter.set_execution("factored")
-    with torch.enable_grad(), adapter.cached():
-        after = loaded.model.encode_image(images)
-    assert torch.equal(before, after.detach())
+    adapter = SVDAdapter.attach(loaded.model, {"execution": "recompose"})
+    outputs = {}
+    for mode in ("recompose", "factored"):
+        adapter.set_execution(mode)
+        with torch.enable_grad(), adapter.cached():
+            outputs[mode] = loaded.model.encode_image(images).detach()
+    assert torch.equal(before, outputs["recompose"])
+    torch.testing.assert_close(outputs["factored"], before, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outputs["factored"], before)
+
+
+def test_execution_is_a_validated_config_key():
+    from clipsvd.adapters import config_for
+
+    assert config_for("clip_svd", {"execution": "factored", "lr": 0.1}).execution == "factored"
+    with pytest.raises(ModelError, match="execution 'fast' invalid"):
+        config_for("clip_svd", {"execution": "fast"})
 
 
 def test_second_attach_reads_the_cache_bit_for_bit(_cache, monkeypatch):

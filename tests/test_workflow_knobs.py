@@ -18,7 +18,9 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
     shutil.copytree(ROOT / "config", tmp_path / "config")
     cfg = yaml.safe_load((tmp_path / "config" / "config.yaml").read_text())
     cfg.update(study="knobs", methods=["clip_svd"], shots=[2], seeds=[1])
-    cfg["clip_svd"].update(encoders=["vision"], matrices=["v", "out"], layers=[1], epochs=5)
+    cfg["clip_svd"].update(encoders=["vision"], matrices=["v", "mlp"], layers=[1], epochs=5,
+                           execution="recompose")
+    cfg["threads"] = 2
     cfg["datasets"][0]["templates"] = ["a {} scan", "an image showing {}"]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
     env_path = f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"
@@ -31,9 +33,14 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
 
     run = tmp_path / "results/runs/knobs/demo_scans/clip_svd/few_shot/shots2/seed1"
     with safe_open(run / "adapter.safetensors", "pt") as adapter:
-        assert sorted(adapter.keys()) == ["vision.layer1.out", "vision.layer1.v"]
+        assert sorted(adapter.keys()) == ["vision.layer1.mlp_fc", "vision.layer1.mlp_proj",
+                                          "vision.layer1.v"]
     summary = json.loads((run / "train.json").read_text())
-    assert summary["trainable_parameters"] == 2 * 64  # two 64×64 matrices of tiny-clip
+    assert summary["trainable_parameters"] == 3 * 64  # rank 64 each in tiny-clip
+    assert summary["cpu_threads"] == 2  # the study's threads reach the job
+    log = (run / "adapt.log").read_text()
+    # the MLP layers would take the factored form under auto; recompose was asked for
+    assert "mlp.c_fc (256x64): recompose for" in log and "factored for" not in log
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("knobs")
@@ -41,7 +48,8 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
                  if r.data.tags.get("seed") == "1"]
     params = logged.data.params
     assert params["clip_svd.encoders"] == '["vision"]'
-    assert params["clip_svd.matrices"] == '["v", "out"]'
+    assert params["clip_svd.matrices"] == '["v", "mlp"]'
     assert params["clip_svd.layers"] == "[1]"
+    assert params["clip_svd.execution"] == "recompose"
     assert params["templates"] == '["a {} scan", "an image showing {}"]'
-    assert params["trainable_parameters"] == "128"
+    assert params["trainable_parameters"] == "192"

@@ -104,6 +104,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class ClipSvdConfig(TrainingConfig):
     matrices: tuple[str, ...] = ("q", "k", "v", "out", "mlp")
+    execution: str = "auto"  # auto | recompose | factored (see clipsvd.adapters.svd)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class StudyConfig:
     tracking: TrackingConfig
     device: str = "auto"
     eval_batch_size: int = 64
+    threads: int = 2
 
     def dataset(self, name: str) -> DatasetConfig:
         for dataset in self.datasets:
@@ -329,6 +331,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         tracking=_build(TrackingConfig, data["tracking"]),
         device=data["device"],
         eval_batch_size=data["eval_batch_size"],
+        threads=data["threads"],
     )
 
 

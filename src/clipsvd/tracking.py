@@ -154,7 +154,8 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
             ]
             final = [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            for key in ("steps_per_second", "train_seconds", "peak_memory_mb"):
+            for key in ("steps_per_second", "train_seconds", "loader_fraction",
+                        "peak_memory_mb"):
                 if key in summary:
                     final.append(Metric(f"train/{key}", float(summary[key]), timestamp, 0))
             param_list = [Param(k[:250], v[:6000]) for k, v in sorted(params.items())]

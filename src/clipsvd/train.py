@@ -101,6 +101,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
              method, n_trainable, 100 * n_trainable / n_model, n_model, len(adapter.describe()))
 
     images, labels = split_images(store, split, "train")
+    if device.type == "cuda":  # a few-shot support set fits: crop and resize on the GPU
+        images = images.to(device)
     size = loaded.image_size
     augment = v2.Compose([
         v2.RandomResizedCrop(size, scale=tuple(settings.crop_scale),
@@ -121,6 +123,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
 
     history: list[dict[str, float]] = []
     order = torch.empty(0, dtype=torch.long)
+    data_seconds = 0.0  # building batches from the in-memory store: crop, flip, normalise
     model.train()
     started = time.perf_counter()
     last_report = started
@@ -129,12 +132,14 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                  else f"{method}.batch_size")
     with batch_size_on_oom(batch_key, settings.batch_size, device):
         for step in range(steps):
+            loading = time.perf_counter()
             if len(order) == 0:
                 order = torch.randperm(len(labels), generator=generator)
             batch_idx, order = order[:settings.batch_size], order[settings.batch_size:]
             batch = torch.stack([augment(images[i]) for i in batch_idx.tolist()])
             batch = normalize(batch.float().div_(255)).to(device, non_blocking=True)
             target = labels[batch_idx].to(device)
+            data_seconds += time.perf_counter() - loading
             step_lr = cosine_lr(step, steps, lr, settings.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
@@ -168,6 +173,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,
         "method": method, "device": str(device), "gpu_slot": claimed_gpu_slot(), "total_steps": steps,
         "train_seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 3),
+        "data_seconds": round(data_seconds, 3), "cpu_threads": torch.get_num_threads(),
+        "loader_fraction": round(data_seconds / max(seconds, 1e-9), 4),
         "trainable_parameters": n_trainable, "model_parameters": n_model,
         "trainable_fraction": n_trainable / n_model, "model_fingerprint": loaded.fingerprint,
         "lr": lr, "final_loss": history[-1]["loss"] if history else None,

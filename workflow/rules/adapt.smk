@@ -12,7 +12,7 @@ rule features:
         "results/benchmarks/features/{dataset}/{model}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: STUDY.threads
     resources:
         gpu=1,
         mem_mb=4000,
@@ -43,7 +43,7 @@ rule adapt:
         method="|".join(ADAPTER_METHODS),
     conda:
         CONDA_ENV
-    threads: 2
+    threads: STUDY.threads
     resources:
         gpu=1,
         mem_mb=8000,
@@ -75,7 +75,7 @@ rule evaluate:
         f"{layout.RUN}/evaluate.benchmark.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: STUDY.threads
     resources:
         gpu=1,
         mem_mb=4000,
@@ -112,7 +112,7 @@ rule interpret:
         method="clip_svd",
     conda:
         CONDA_ENV
-    threads: 2
+    threads: STUDY.threads
     resources:
         mem_mb=4000,
         runtime=60,

@@ -30,7 +30,7 @@ rule prepare:
         "results/benchmarks/prepare/{dataset}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: STUDY.threads
     resources:
         mem_mb=4000,
         runtime=60,

@@ -1,11 +1,17 @@
 """CLIP-SVD: adapt a CLIP-style model by training only the singular values of its weights.
 
 Each target weight ``W0`` (or one q/k/v row block of a fused attention projection) is
-decomposed once, ``W0 = U diag(s0) Vh`` (float64 SVD, kept as float32 buffers), and the model
-then uses ``W = W0 + U diag(s - s0) Vh`` with ``s`` (initialised to ``s0``) the only trainable
-tensor. Mathematically that equals ``U diag(s) Vh``; the delta form makes the adapted model
-*bit-identical* to the pretrained one at initialisation (the delta is exactly zero), instead of
-differing by the float32 round-off of re-multiplying the factors.
+decomposed once, ``W0 = U diag(s0) Vh`` (float64 SVD, kept as float32 buffers), and ``s``
+(initialised to ``s0``) is the only trainable tensor. Each adapted layer applies the weight one
+of two ways, chosen per layer and call by a cost model (:func:`choose_execution`):
+
+- recompose: form ``W = W0 + U diag(s - s0) Vh`` once per step; the delta form keeps the model
+  *bit-identical* to the pretrained one at initialisation (the delta is exactly zero);
+- factored: ``x -> Vh^T -> *s -> U^T`` without forming W (the public code's form), cheaper for
+  wide MLP layers and few tokens; at initialisation it differs from ``x W0^T`` only by the
+  float32 round-off of the SVD product (~1e-6 relative).
+
+``execution: recompose`` in the study config forces the bit-exact form everywhere.
 
 Keys (in saved files, :meth:`SVDAdapter.state_dict`, :meth:`describe`) are
 ``{encoder}.layer{i}.{matrix}``: encoder ``vision`` or ``text``, ``i`` the block index from
@@ -137,9 +143,18 @@ class TargetSelection:
 
 @dataclass
 class SVDConfig(TargetSelection):
-    """Which singular values to train (fields and their meaning: :class:`TargetSelection`)."""
+    """Which singular values to train (fields and their meaning: :class:`TargetSelection`),
+    and how layers that can choose apply them (``execution``: auto, recompose, factored)."""
 
     label: ClassVar[str] = "svd"
+
+    execution: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.execution not in EXECUTIONS:
+            raise ModelError(f"svd execution {self.execution!r} invalid; choose from "
+                             f"{list(EXECUTIONS)}")
 
 
 def _parse_layer_spec(spec: str, depth: int | None, label: str = "svd") -> list[int] | None:
@@ -305,11 +320,12 @@ class SingularValueDelta(nn.Module):
         u, s0, vh = self.factors(block)
         return (u * (self.s[str(block)] - s0)) @ vh
 
-    def factored(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (U diag(s - s0) Vh)ᵀ`` without forming the matrix: x → Vhᵀ → ·(s − s0) → Uᵀ."""
-        u, s0, vh = self.factors(0)
-        scale = self.s["0"] - s0
-        return ((x @ vh.t().to(x.dtype)) * scale.to(x.dtype)) @ u.t().to(x.dtype)
+    def factored(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x (U diag(s) Vh)ᵀ + bias`` without forming the matrix: x → Vhᵀ → ·s → Uᵀ."""
+        u, _, vh = self.factors(0)
+        dtype = x.dtype
+        hidden = F.linear(x, vh.to(dtype)) * self.s["0"].to(dtype)
+        return F.linear(hidden, u.to(dtype), None if bias is None else bias.to(dtype))
 
     def choose(self, x: torch.Tensor) -> str:
         """The execution for one call on input ``x`` (logged once per layer and choice)."""
@@ -345,30 +361,30 @@ class SingularValueDelta(nn.Module):
 
 def execution_costs(rows: int, cols: int, tokens: int, training: bool = True
                     ) -> tuple[float, float]:
-    """Estimated multiply-adds of the two ways to apply ``W0 + U diag(Δs) Vh`` (rows × cols,
-    rank r = min(rows, cols)) to ``tokens`` input rows, beyond what ``x W0ᵀ`` and its input
-    gradient cost anyway. Returns (recompose, factored).
+    """Estimated multiply-adds of the two ways to apply an adapted rows × cols weight (rank
+    r = min(rows, cols)) to ``tokens`` input rows. Returns (recompose, factored).
 
-    Training step (forward and backward):
+    Training step (forward and backward), m = rows, n = cols, T = tokens:
 
-    - recompose: form W once (rows·cols·r), push the weight gradient back onto Δs
-      (dW Vhᵀ: rows·cols·r), and compute that weight gradient at all (Gᵀ X:
-      tokens·rows·cols) → ``T·m·n + 2·m·n·r``;
-    - factored: x → Vhᵀ → ·Δs → Uᵀ forward (T·r·(m + n)) and the same again backward for
-      the input gradient; the gradient of Δs is an elementwise product of saved activations
+    - recompose: form W (m·n·r), apply it (T·m·n), input gradient (T·m·n), weight gradient
+      Gᵀ X (T·m·n), project it onto s (dW Vhᵀ: m·n·r) → ``3·T·m·n + 2·m·n·r``;
+    - factored: x → Vhᵀ → ·s → Uᵀ forward (T·r·(m + n)) and the same again for the input
+      gradient; the gradient of s is an elementwise product of saved activations
       → ``2·T·r·(m + n)``.
 
-    So the factored form wins only for few tokens: for a square d × d layer when
-    T < 2d/3 (ViT-B/16 width 768: under 512 tokens, i.e. a batch of 2-3 images or a few short
-    prompts); a batch-32 image step (6,304 tokens) always recomposes. Without gradients
-    (evaluation inside ``cached()``) the recomposed weight is reused by every call, so
-    recompose is chosen and its cost counted once (m·n·r) against T·r·(m + n).
+    For a square d × d layer the factored form wins when T < 2d (ViT-B/16 width 768: under
+    1,536 tokens, a batch of 7 images; a batch-32 step of 6,304 tokens recomposes). For the
+    4×-wide MLP layers (m·n = 4d², r = d) it wins at every T: 10·T·d² against 12·T·d² + 8·d³.
+    Without gradients (evaluation inside ``cached()``) the recomposed weight is reused by every
+    call, so recompose is chosen and its cost counted once (m·n·r + T·m·n against
+    T·r·(m + n)).
     """
     rank = min(rows, cols)
     if training:
-        return (float(tokens) * rows * cols + 2.0 * rows * cols * rank,
+        return (3.0 * tokens * rows * cols + 2.0 * rows * cols * rank,
                 2.0 * tokens * rank * (rows + cols))
-    return float(rows) * cols * rank, float(tokens) * rank * (rows + cols)
+    return (float(rows) * cols * rank + float(tokens) * rows * cols,
+            float(tokens) * rank * (rows + cols))
 
 
 def choose_execution(rows: int, cols: int, tokens: int, training: bool = True) -> str:
@@ -384,8 +400,7 @@ def _adaptive_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Forward of an adapted, unfused ``nn.Linear``: recompose or factored per call."""
     delta: SingularValueDelta = self.parametrizations.weight[0]
     if delta.choose(x) == "factored":
-        original = self.parametrizations.weight.original
-        return F.linear(x, original, self.bias) + delta.factored(x)
+        return delta.factored(x, self.bias)
     return F.linear(x, self.weight, self.bias)
 
 
@@ -486,9 +501,15 @@ class SVDAdapter(Adapter):
         targets.sort(key=lambda t: (ENCODERS.index(t.encoder), t.layer,
                                     MATRICES.index(t.matrix)))
         adapter = cls(model, config, targets, base_fingerprint, base_count, seconds)
+        adapter.set_execution(config.execution)
         log.info("CLIP-SVD: %d matrices, %d singular values trained (%.4f%% of %d), SVD took "
                  "%.1f s", len(targets), adapter.num_trainable(),
                  100 * adapter.trainable_fraction(), base_count, seconds)
+        choosing = sum(adapter.executions().values())
+        log.info("CLIP-SVD execution %s: %d matrices choose recompose or factored per call "
+                 "(logged at first use), %d always recompose (fused q/k/v, attention output "
+                 "read by nn.MultiheadAttention)", config.execution, choosing,
+                 len(targets) - choosing)
         return adapter
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
