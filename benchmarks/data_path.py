@@ -55,45 +55,47 @@ def main() -> None:
     from clipsvd.train import adapt
 
     work = Path(tempfile.mkdtemp(prefix="clipsvd-data-path-"))
-    generate_demo_dataset(work / "raw", DemoConfig(per_class=24, image_size=256, seed=0))
-    demo = config.load(ROOT / "config" / "config.yaml").clip_svd
-    runs = {  # model: (shots, CLIP-SVD settings)
-        "ViT-B-16": (args.batch // 4, {"batch_size": args.batch, "epochs": args.steps}),
-        "tiny-clip": (4, {"lr": demo.lr, "epochs": demo.epochs, "batch_size": demo.batch_size}),
-    }
-    for model, (shots, settings) in runs.items():
-        raw = {"study": "data-path", "device": "auto",
-               "datasets": [{"name": "scans", "format": "csv", "root": str(work / "raw"),
-                             "manifest": "manifest.csv", "templates": ["a {} scan"]}],
-               "model": {"name": model, "pretrained": None}, "clip_svd": settings,
-               "tracking": {"enabled": False}}
-        cfg = config.from_dict(raw)
-        store = work / f"store-{model}"
-        prepare_dataset(cfg.dataset("scans"), store, model_image_size(model, None))
-        split = sample_split(PreparedStore.open(store), "few_shot", shots, 1,
-                             cfg.dataset("scans").sampling)
-        split_path = work / f"split-{model}.json"
-        write_split(split_path, split)
+    try:
+        generate_demo_dataset(work / "raw", DemoConfig(per_class=24, image_size=256, seed=0))
+        demo = config.load(ROOT / "config" / "config.yaml").clip_svd
+        runs = {  # model: (shots, CLIP-SVD settings)
+            "ViT-B-16": (args.batch // 4, {"batch_size": args.batch, "epochs": args.steps}),
+            "tiny-clip": (4, {"lr": demo.lr, "epochs": demo.epochs, "batch_size": demo.batch_size}),
+        }
+        for model, (shots, settings) in runs.items():
+            raw = {"study": "data-path", "device": "auto",
+                   "datasets": [{"name": "scans", "format": "csv", "root": str(work / "raw"),
+                                 "manifest": "manifest.csv", "templates": ["a {} scan"]}],
+                   "model": {"name": model, "pretrained": None}, "clip_svd": settings,
+                   "tracking": {"enabled": False}}
+            cfg = config.from_dict(raw)
+            store = work / f"store-{model}"
+            prepare_dataset(cfg.dataset("scans"), store, model_image_size(model, None))
+            split = sample_split(PreparedStore.open(store), "few_shot", shots, 1,
+                                 cfg.dataset("scans").sampling)
+            split_path = work / f"split-{model}.json"
+            write_split(split_path, split)
 
-        decoded: list[str] = []
-        decoders = {(PIL.Image, "open"): PIL.Image.open, (pydicom, "dcmread"): pydicom.dcmread,
-                    (nibabel, "load"): nibabel.load}
-        for module, name in decoders:
-            setattr(module, name, counter(decoded, f"{module.__name__}.{name}"))
-        try:
-            summary = adapt(cfg, "scans", "clip_svd", split_path, store, work / f"run-{model}")
-        finally:
-            for (module, name), function in decoders.items():
-                setattr(module, name, function)
-        steps = summary["total_steps"]
-        batch = min(cfg.clip_svd.batch_size, shots * 4)
-        print(f"{model}: {steps} steps of batch {batch} at {model_image_size(model, None)} px "
-              f"on {summary['device']}: {summary['train_seconds'] / steps * 1e3:.1f} ms/step, "
-              f"loader {summary['data_seconds'] / steps * 1e3:.2f} ms/step = "
-              f"{100 * summary['loader_fraction']:.2f} % of the step (target < 5 %); image "
-              f"files decoded during training: {len(decoded)}", flush=True)
-        assert not decoded and math.isfinite(summary["loader_fraction"])
-    shutil.rmtree(work, ignore_errors=True)
+            decoded: list[str] = []
+            decoders = {(PIL.Image, "open"): PIL.Image.open, (pydicom, "dcmread"): pydicom.dcmread,
+                        (nibabel, "load"): nibabel.load}
+            for module, name in decoders:
+                setattr(module, name, counter(decoded, f"{module.__name__}.{name}"))
+            try:
+                summary = adapt(cfg, "scans", "clip_svd", split_path, store, work / f"run-{model}")
+            finally:
+                for (module, name), function in decoders.items():
+                    setattr(module, name, function)
+            steps = summary["total_steps"]
+            batch = min(cfg.clip_svd.batch_size, shots * 4)
+            print(f"{model}: {steps} steps of batch {batch} at {model_image_size(model, None)} px "
+                  f"on {summary['device']}: {summary['train_seconds'] / steps * 1e3:.1f} ms/step, "
+                  f"loader {summary['data_seconds'] / steps * 1e3:.2f} ms/step = "
+                  f"{100 * summary['loader_fraction']:.2f} % of the step (target < 5 %); image "
+                  f"files decoded during training: {len(decoded)}", flush=True)
+            assert not decoded and math.isfinite(summary["loader_fraction"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,9 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
 
     history: list[dict[str, float]] = []
     order = torch.empty(0, dtype=torch.long)
-    data_seconds = 0.0  # building batches from the in-memory store: crop, flip, normalise
+    # Time spent building batches from the in-memory store (crop, flip, normalise); on a GPU
+    # the crops are queued asynchronously, so their kernels count in the step instead.
+    data_seconds = 0.0
     model.train()
     started = time.perf_counter()
     last_report = started
