@@ -170,7 +170,9 @@ def test_coop_json_dataset(tmp_path):
     assert counts == {"train": 12, "val": 6, "test": 6}
     row = store.index[store.index["sample_id"] == "BTMRI/Normal_brain/img 5.png"].iloc[0]
     assert (row["label"], row["class_name"], row["split"]) == (2, "Normal brain", "val")
-    assert store.provenance["split"] == {"assigned": False, "from": "source"}
+    assert store.provenance["split"] == {"assigned": False, "from": "source",
+                                         "groups_in_several_splits": {"count": 0,
+                                                                      "examples": []}}
 
 
 def test_coop_json_flat_layout_explicit_file_and_image_dir(tmp_path):

@@ -153,9 +153,10 @@ def test_dicom_and_png_share_orientation(tmp_path):
 def test_resize_pad_and_crop_keep_aspect(tmp_path):
     root = tmp_path / "r"
     write_png(root / "wide.png", np.full((10, 20), 200, dtype=np.uint8))
-    write_manifest(root, ["path,label", "wide.png,w"])
+    write_png(root / "tall.png", np.full((20, 10), 100, dtype=np.uint8))
+    write_manifest(root, ["path,label", "wide.png,w", "tall.png,t"])
     pad = prepared(csv_dataset(root, intensity="none", resize="pad"), tmp_path / "pad")
-    assert pad.images.shape == (1, 3, 16, 16)
+    assert pad.images.shape == (2, 3, 16, 16)
     assert (pad.images[0, :, :3] == 0).all() and (pad.images[0, :, 5:11] == 200).all()
     crop = prepared(csv_dataset(root, intensity="none", resize="crop"), tmp_path / "crop")
     assert (crop.images[0] == 200).all()

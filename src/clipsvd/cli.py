@@ -18,8 +18,14 @@ log = logging.getLogger("clipsvd")
 def _setup_logging(log_file: str | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+        try:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+        except OSError as exc:
+            from .errors import OutputError
+
+            raise OutputError(f"{log_file}: cannot write the log file ({exc.strerror}); make "
+                              "its folder writable or give another --log", exc.errno) from None
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -213,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log)
     try:
+        _setup_logging(args.log)
         args.func(args)
     except ClipsvdError as exc:
         message = f"clipsvd {args.command}: error: {exc}"

@@ -61,6 +61,24 @@ class MedmnistConfig:
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    """csv: which header of the manifest holds each field, when the file's names differ."""
+    path: str = "path"
+    label: str = "label"
+    split: str = "split"
+    group: str = "group"
+    class_name: str = "class_name"
+
+
+@dataclass(frozen=True)
+class GroupsConfig:
+    """Which images belong together (a patient, a study), so one group never spans two splits."""
+    pattern: str | None = None  # regex on the image's path relative to root; group = 1st capture
+    dicom: str = "patient"  # patient | study: the DICOM tag that groups DICOM images by default
+    independent: bool = False  # true: every image is its own group (the user says so)
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str
     format: str  # folder | csv | medmnist | coop_json
@@ -70,6 +88,8 @@ class DatasetConfig:
     medmnist: MedmnistConfig | None = None  # medmnist: which npz file under root
     split_file: str | None = None  # coop_json: split_<NAME>.json under root (default: the only one)
     image_dir: str | None = None  # coop_json: folder the split's paths start from (default: auto)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # csv: header names
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
     demo: DemoConfig | None = None  # generated locally by `clipsvd demo-data`
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -257,6 +277,42 @@ def _with_defaults(validator_cls):
     return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
 
 
+def _check_grouping(dataset: dict[str, Any], where: str) -> None:
+    """Column names and group settings that contradict each other or the format."""
+    import re
+
+    groups = dataset.get("groups", {})
+    columns = dataset.get("columns", {})
+    if "columns" in dataset and dataset["format"] != "csv":
+        raise ConfigError(f"{where}.columns': only format 'csv' has columns, this dataset has "
+                          f"format '{dataset['format']}'; remove the key or change the format")
+    named = [columns.get(k, k) for k in ("path", "label", "split", "group", "class_name")]
+    repeated = sorted({n for n in named if named.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where}.columns': header '{repeated[0]}' is given for two fields; "
+                          "every field needs its own column")
+    pattern = groups.get("pattern")
+    if pattern is not None:
+        if dataset["format"] == "medmnist":
+            raise ConfigError(f"{where}.groups.pattern': MedMNIST files hold no patient ids "
+                              "to match; remove the key")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}.groups.pattern': not a valid regular expression "
+                              f"({exc}); fix it (e.g. '(P[0-9]+)_' takes 'P017' from "
+                              "'P017_left.png')") from None
+        if compiled.groups > 1 and "group" not in compiled.groupindex:
+            raise ConfigError(f"{where}.groups.pattern': {compiled.groups} capture groups; "
+                              "use one, or name the one that holds the id (?P<group>...)")
+        if "group" in columns:
+            raise ConfigError(f"{where}.groups.pattern': the group is already the manifest's "
+                              f"column '{columns['group']}' (columns.group); set one of them")
+    if groups.get("independent") and (pattern is not None or "group" in columns):
+        raise ConfigError(f"{where}.groups.independent': true says every image is its own "
+                          "group, but a group column or pattern is set too; set one of them")
+
+
 def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> None:
     names = [d["name"] for d in data["datasets"]]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -276,6 +332,7 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
                 raise ConfigError(f"{source}: key 'datasets.{i}.{key}': only format '{fmt}' "
                                   f"uses it, this dataset has format '{dataset['format']}'; "
                                   "remove the key or change the format")
+        _check_grouping(dataset, f"{source}: key 'datasets.{i}")
         demo_root = f"results/raw/{dataset['name']}"
         if dataset.get("demo") and dataset["root"].rstrip("/") != demo_root:
             raise ConfigError(f"{source}: key 'datasets.{i}.root': a demo dataset is generated at "
@@ -314,6 +371,8 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         d["sampling"] = _build(SamplingConfig, d.get("sampling", {}))
         d["demo"] = _build(DemoConfig, d["demo"]) if d.get("demo") else None
         d["medmnist"] = _build(MedmnistConfig, d["medmnist"]) if d.get("medmnist") else None
+        d["columns"] = _build(ColumnsConfig, d.get("columns", {}))
+        d["groups"] = _build(GroupsConfig, d.get("groups", {}))
         datasets.append(_build(DatasetConfig, d))
     return StudyConfig(
         study=data["study"],

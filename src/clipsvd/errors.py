@@ -23,3 +23,16 @@ class TrainingError(ClipsvdError):
 
 class GpuMemoryError(ClipsvdError):
     """The GPU ran out of memory; the message names the batch-size key to lower."""
+
+
+class OutputError(ClipsvdError, OSError):
+    """An output cannot be written (full disk, read-only or unwritable folder).
+
+    Also an OSError, so code that tolerates a failed write (a cache) keeps tolerating it.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(errno, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)

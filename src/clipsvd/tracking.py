@@ -40,6 +40,25 @@ def tracking_uri(configured: str | None) -> str:
     return "sqlite:///" + str(Path(layout.MLFLOW_DB).resolve())
 
 
+def damaged_store(uri: str, reasons: tuple[str, ...] = ()) -> str | None:
+    """One line saying what to do when a sqlite store exists but is not a database (or a
+    failure says it is malformed); None for every other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+    except OSError:
+        return None
+    malformed = any("malformed" in r or "not a database" in r for r in reasons)
+    if not malformed and (not header or header == b"SQLite format 3\x00"):
+        return None
+    return (f"{path}: not a readable SQLite database (damaged or overwritten); move it away "
+            f"(e.g. to {path.name}.damaged) and run `clipsvd sync` to rebuild the MLflow store "
+            "from the run folders")
+
+
 @contextlib.contextmanager
 def _writer_lock(uri: str) -> Iterator[None]:
     """Serialise writers on this machine: sqlite allows one writer (and its first use runs
@@ -192,8 +211,9 @@ def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bo
             record = {"status": "logged" if created else "present", "run_id": run_id,
                       "tracking_uri": resolved}
         except Exception as exc:  # noqa: BLE001 - tracking must never lose a finished result
-            log.warning("MLflow was skipped for %s (%s: %s); the results on disk are complete, "
-                        "`clipsvd sync` logs them later", run_dir, type(exc).__name__, exc)
+            log.warning("MLflow was skipped for %s (%s); the results on disk are complete, "
+                        "`clipsvd sync` logs them later", run_dir,
+                        damaged_store(resolved, (str(exc),)) or f"{type(exc).__name__}: {exc}")
             record = {"status": "skipped", "tracking_uri": resolved,
                       "reason": f"{type(exc).__name__}: {exc}"}
     write_json(run_dir / layout.TRACKING_RECORD, record)
@@ -204,6 +224,7 @@ def sync(study: str, uri: str | None) -> dict[str, int]:
     """Bring MLflow up to date from results/: log what it lacks, leave what it has."""
     root = Path(layout.RESULTS) / "runs" / study
     counts = {"logged": 0, "present": 0, "skipped": 0}
+    reasons: list[str] = []
     for record_path in sorted(root.glob(f"*/*/*/shots*/seed*/{layout.RUN_RECORD}")):
         run_dir = record_path.parent
         if not (run_dir / layout.METRICS).exists():
@@ -213,9 +234,13 @@ def sync(study: str, uri: str | None) -> dict[str, int]:
         extra = tuple(p for p in (split, *sorted(run_dir.glob("*.log"))) if p.exists())
         result = mirror_run(run_dir, tags, uri, True, extra)
         counts[result["status"]] += 1
+        reasons.append(result.get("reason", ""))
     log.info("MLflow sync of study '%s': %d logged, %d already present, %d skipped", study,
              counts["logged"], counts["present"], counts["skipped"])
     if counts["skipped"]:
+        damaged = damaged_store(tracking_uri(uri), tuple(reasons))
+        if damaged:
+            raise ClipsvdError(damaged)
         raise ClipsvdError(f"{counts['skipped']} run(s) could not be logged to {tracking_uri(uri)}; "
                            "check that the tracking server is reachable and run `clipsvd sync` again")
     return counts

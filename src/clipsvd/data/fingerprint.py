@@ -15,9 +15,9 @@ from ..config import DatasetConfig
 # DatasetConfig fields, the image size and PREPARATION_VERSION, which is raised whenever a code
 # change alters the prepared images or index. Every DatasetConfig field is in one of the two
 # lists (a test checks it), so a new field needs a decision.
-PREPARATION_VERSION = 2
+PREPARATION_VERSION = 3  # 3: PIL modes as a viewer shows them; groups from columns, patterns, DICOM
 PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
-                      "preprocessing", "split")
+                      "columns", "groups", "preprocessing", "split")
 UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides")
 
 

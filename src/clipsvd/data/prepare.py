@@ -28,8 +28,11 @@ from ..errors import DataError
 from ..io import atomic_dir, read_json, write_json
 from ..seeding import numpy_rng
 from .fingerprint import preparation_fingerprint, preparation_parameters
+from .groups import grouping_summary, groups_in_several_splits
 from .npz import NpzFile
-from .sources import ARRAY_COLUMNS, SPLITS, classes_of, read_source, relative_id
+from .readers import VIEWER_RULES, check_nifti_dimensions, explain_read_error, viewer_image
+from .sources import INTERNAL_COLUMNS, SPLITS, classes_of, read_source, relative_id
+from .store import format_split_summary, split_summary
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,10 @@ class Pipeline:
         """Read one file as a float32 array (C, X, Y) or (C, X, Y, Z)."""
         from monai.utils import convert_to_numpy
 
-        data = self.loaders[reader_kind(path)]({IMAGE_KEY: path})
+        kind = reader_kind(path)
+        if kind == "nifti":
+            check_nifti_dimensions(path)
+        data = self.loaders[kind]({IMAGE_KEY: path})
         array = convert_to_numpy(data[IMAGE_KEY]).astype(np.float32, copy=False)
         if array.ndim == 4 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -174,7 +180,8 @@ def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
         steps.append({"transform": name, "params": params})
         return transform
 
-    readers = {"pil": (PILReader, {"reverse_indexing": True}),
+    # PIL images reach MONAI as a viewer shows them (palettes, CMYK, 1-bit, alpha: readers.py)
+    readers = {"pil": (PILReader, {"reverse_indexing": True, "converter": viewer_image}),
                # applies RescaleSlope/Intercept; a folder is one series (DICOM files only)
                "dicom": (PydicomReader, {"swap_ij": True, "fname_regex": None}),
                "nifti": (NibabelReader, {})}
@@ -185,7 +192,9 @@ def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
             EnsureChannelFirstd(IMAGE_KEY),
         ])
     steps.append({"transform": "LoadImaged", "params": {
-        "readers": {kind: {"reader": cls.__name__, **kwargs}
+        "readers": {kind: {"reader": cls.__name__,
+                           **{k: (VIEWER_RULES if k == "converter" else v)
+                              for k, v in kwargs.items()}}
                     for kind, (cls, kwargs) in readers.items()},
         "dtype": "float32"}})
     steps.append({"transform": "EnsureChannelFirstd", "params": {}})
@@ -442,10 +451,28 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _one_line(exc: BaseException) -> str:
-    """The most specific line of an exception (MONAI wraps reader errors in long messages)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+def _classes_missing_from_splits(table: pd.DataFrame, dataset: DatasetConfig,
+                                 assigned: bool) -> list[str]:
+    """A split without some class, said in one line each: the class then has no validation
+    support set, or its test accuracy is never measured."""
+    wanted = [s for s, f in zip(SPLITS, dataset.split.fractions) if f > 0] if assigned \
+        else list(SPLITS)
+    found = []
+    for name, part in table.groupby("class_name", sort=True):
+        empty = [s for s in wanted if not (part["split"] == s).any()]
+        if not empty:
+            continue
+        zero = "0 " + " and 0 ".join(empty)
+        if assigned:
+            found.append(f"dataset '{dataset.name}': class {name!r} has {len(part)} image(s) in "
+                         f"{part['group'].nunique()} group(s), too few for the split: it gets "
+                         f"{zero} images; add images of it (3 groups or more) or remove the "
+                         "class")
+        else:
+            found.append(f"dataset '{dataset.name}': the source's split gives class {name!r} "
+                         f"{zero} images; add some to the split file (or split column) or "
+                         "remove the class")
+    return found
 
 
 def _format_eta(seconds: float) -> str:
@@ -467,23 +494,33 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
     table = read_source(dataset)
     classes = classes_of(table)
     root = Path(dataset.root).expanduser().resolve()
+    warnings_: list[str] = []
     if (table["split"] == "").all():
         table["split"] = assign_splits(table, dataset.split).to_numpy()
         split_origin = {"assigned": True, "fractions": list(dataset.split.fractions),
                         "seed": dataset.split.seed, "method": "stratified by label, grouped"}
+        warnings_ += _classes_missing_from_splits(table, dataset, assigned=True)
     else:
-        split_origin = {"assigned": False, "from": "source"}
-        crossing = table.groupby("group")["split"].nunique()
-        if (crossing > 1).any():
-            log.warning("%d group(s) of dataset '%s' appear in more than one split of the source "
-                        "(e.g. %s)", int((crossing > 1).sum()), dataset.name,
-                        crossing.index[crossing > 1][0])
+        crossing = groups_in_several_splits(table)
+        split_origin = {"assigned": False, "from": "source", "groups_in_several_splits": crossing}
+        if crossing["count"]:
+            example = crossing["examples"][0]
+            warnings_.append(
+                f"dataset '{dataset.name}': {crossing['count']} group(s) lie in more than one "
+                f"split of the source (e.g. {example['group']!r} in "
+                f"{' and '.join(example['splits'])}), so those splits are not independent; fix "
+                "the split file (or split column), or leave the split out for clipsvd to assign "
+                "a grouped one")
+        warnings_ += _classes_missing_from_splits(table, dataset, assigned=False)
+    for warning in warnings_:
+        log.warning("%s", warning)
+    grouping = grouping_summary(table, dataset.groups)
     pipeline = build_pipeline(pre, image_size)  # also validates the settings up front
     per_thread = threading.local()  # MONAI readers keep per-read state: one chain per thread
     records = table.to_dict("records")
     extra_columns = [c for c in table.columns
                      if c not in ("source_path", "label", "class_name", "split", "group")
-                     and c not in ARRAY_COLUMNS]
+                     and c not in INTERNAL_COLUMNS]
     arrays = _ArrayRows()
 
     def load(record: dict) -> dict:
@@ -503,7 +540,8 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             else:
                 volume = chain.load(record["source_path"])
         except Exception as exc:  # any reader failure means the file is unusable as given
-            return [], _one_line(exc)
+            kind = "array" if "array" in record else reader_kind(record["source_path"])
+            return [], explain_read_error(record["source_path"], kind, exc)
         if volume.ndim == 3:
             return [(None, chain.finish(volume))], None
         indices = chain.slice_indices(volume.shape[-1])
@@ -569,6 +607,8 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             raise DataError(f"{root}: sample {duplicated.iloc[0]!r} is listed twice; remove "
                             "duplicate rows from the manifest")
         index.to_csv(tmp / "index.csv", index=False, encoding="utf-8", lineterminator="\n")
+        splits = split_summary(index)
+        log.info("dataset '%s' per split: %s", dataset.name, format_split_summary(splits))
         write_json(tmp / "classes.json", {"classes": classes})
         sources = sorted({r["source_path"] for r in records})
         fingerprints = {relative_id(path, root): _fingerprint(path) for path in sources}
@@ -576,9 +616,11 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
         params = preparation_parameters(dataset, image_size)
         fingerprint = preparation_fingerprint(dataset, image_size)
         rebuild = _rebuild_record(out_dir, fingerprint, params, digest, len(fingerprints))
+        # Timing lives here, not in provenance.json, which equal inputs make byte-identical.
         write_json(tmp / PREPARATION_RECORD, {
             "fingerprint": fingerprint, "parameters": params, "inputs_fingerprint": digest,
-            "n_files": len(fingerprints)})
+            "n_files": len(fingerprints), "threads": int(threads), "seconds": round(elapsed, 3),
+            "images_per_second": round(len(rows) / max(elapsed, 1e-9), 2)})
         write_json(tmp / "provenance.json", {
             "dataset": dataset.name,
             "source": {"format": dataset.format, "root": str(root), "manifest": dataset.manifest,
@@ -594,10 +636,10 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             "n_images": len(rows),
             "n_classes": len(classes),
             "images_per_split": {s: int((index["split"] == s).sum()) for s in SPLITS},
+            "splits": splits,
+            "groups": grouping,
+            "warnings": warnings_,
             "skipped": skipped,
-            "threads": int(threads),
-            "seconds": round(elapsed, 3),
-            "images_per_second": round(len(rows) / max(elapsed, 1e-9), 2),
             "fingerprint": fingerprint,
             "parameters": params,
             "inputs_fingerprint": digest,

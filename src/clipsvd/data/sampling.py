@@ -42,11 +42,14 @@ def _draw(pool: np.ndarray, k: int, rng: np.random.Generator, sampling: Sampling
         if sampling.nested:
             return pool[rng.permutation(n)[:k]], "sampled"
         return pool[rng.choice(n, size=k, replace=False)], "sampled"
-    if sampling.insufficient == "error" or n == 0:
-        hint = ("" if n else " (no images at all: 'replace' and 'all' cannot help; add images "
-                "or drop the class)")
+    if n == 0:  # nothing to draw from: no policy helps, so none is suggested
+        raise DataError(f"class '{class_name}' has no images in the {split} split, so its "
+                        f"support set for shots={shots} cannot be drawn (sampling.insufficient "
+                        "cannot help); add images of the class (an assigned split needs 3 groups "
+                        "of it or more: see the store's provenance.json, 'splits') or remove it")
+    if sampling.insufficient == "error":
         raise DataError(f"class '{class_name}' has {n} image(s) in the {split} split, fewer than "
-                        f"the {k} needed for shots={shots}{hint}; use fewer shots or set the "
+                        f"the {k} needed for shots={shots}; use fewer shots or set the "
                         "dataset's sampling.insufficient: replace|all")
     if sampling.insufficient == "all":
         return pool[rng.permutation(n)], "all"

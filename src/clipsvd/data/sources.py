@@ -2,8 +2,9 @@
 
 Every later step sees the same columns whatever the source format, so format quirks stay here:
 ``source_path`` (absolute), ``label`` (int, position in the class list), ``class_name``,
-``split`` (train/val/test, or "" when the source has none), ``group`` (patient or volume; a
-sample without one is its own group), plus any extra manifest columns.
+``split`` (train/val/test, or "" when the source has none), ``group`` (patient, study or
+volume: see data.groups; a sample without one is its own group) and ``group_source`` (where
+the group came from), plus any extra manifest columns.
 
 Sources whose samples are not one file each add the columns in ``ARRAY_COLUMNS``: a
 ``sample_id`` of their own and, for arrays inside a file (MedMNIST), the array's name and row.
@@ -22,18 +23,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import DatasetConfig
+from ..config import ColumnsConfig, DatasetConfig
 from ..errors import DataError
+from . import groups as grouping
+# index_files and medmnist_file live in the light listing module (the workflow's DAG building
+# uses them) and are imported here for the readers and for callers of data.sources.
+from .listing import IMAGE_SUFFIXES, coop_image_base, index_files, medmnist_file  # noqa: F401
 from .npz import NpzFile
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom",
-                  ".nii", ".nii.gz")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 COLUMNS = ["source_path", "label", "class_name", "split", "group"]
 # Columns of sources whose samples are not one file each; not kept as extra index columns.
 ARRAY_COLUMNS = ["sample_id", "array_key", "array_index", "array_layout"]
+# Columns the sources use among themselves, not kept as extra index columns either.
+INTERNAL_COLUMNS = [*ARRAY_COLUMNS, "group_source"]
+# Text that spreadsheet and pandas exports write for a missing value (pandas' list, less
+# 'None', which can be a class name): as a label it is a missing label, not a class.
+MISSING_MARKERS = frozenset({"nan", "NaN", "NAN", "-nan", "-NaN", "NA", "N/A", "n/a", "#N/A",
+                             "#N/A N/A", "#NA", "<NA>", "null", "NULL", "1.#IND", "1.#QNAN",
+                             "-1.#IND", "-1.#QNAN"})
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 
@@ -127,7 +137,7 @@ def _read_folder(root: Path) -> pd.DataFrame:
         files = _collapse_series(files, class_dir)
         for path in files:
             rows.append({"source_path": str(path), "label": label, "class_name": class_dir.name,
-                         "split": "", "group": _relative_id(path, root)})
+                         "split": "", "group": ""})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -138,6 +148,12 @@ def _labels_from_column(frame: pd.DataFrame, manifest: Path) -> tuple[list[int],
     if empty.any():
         row = int(empty.idxmax()) + 2  # +2: header line and 1-based numbering
         raise DataError(f"{manifest}: line {row} has no label; give every row a class name")
+    missing = raw.isin(MISSING_MARKERS)
+    if missing.any():
+        row = int(missing.idxmax()) + 2
+        raise DataError(f"{manifest}: line {row} has label {raw[row - 2]!r}, a missing-value "
+                        f"marker ({int(missing.sum())} of {len(raw)} rows); give every row its "
+                        "class name, or check that columns.label names the label column")
     if raw.str.fullmatch(r"-?\d+").all():
         ids = raw.astype(int)
         if "class_name" in frame.columns:
@@ -166,7 +182,32 @@ def _labels_from_column(frame: pd.DataFrame, manifest: Path) -> tuple[list[int],
     return [position[name] for name in raw], classes
 
 
-def _read_csv(root: Path, manifest_name: str | None) -> pd.DataFrame:
+def _map_columns(frame: pd.DataFrame, columns: ColumnsConfig, manifest: Path) -> pd.DataFrame:
+    """Rename the manifest's headers to path, label, split, group, class_name as configured."""
+    defaults = ColumnsConfig()
+    renames = {}
+    for field in ("path", "label", "split", "group", "class_name"):
+        header = getattr(columns, field)
+        declared = header != getattr(defaults, field)
+        if header not in frame.columns:
+            if declared:
+                raise DataError(f"{manifest}: has no column {header!r} (columns.{field}; has: "
+                                f"{', '.join(frame.columns)}); fix the dataset's columns.{field}")
+            if field in ("path", "label"):
+                what = "image paths" if field == "path" else "class names or ids"
+                raise DataError(f"{manifest}: needs a '{field}' column (has: "
+                                f"{', '.join(frame.columns)}); rename the header that holds the "
+                                f"{what}, or name it in the dataset's columns.{field}")
+            continue
+        if declared and field in frame.columns:
+            raise DataError(f"{manifest}: has a column '{field}' besides {header!r} "
+                            f"(columns.{field}); rename or remove one of them")
+        renames[header] = field
+    return frame.rename(columns=renames)
+
+
+def _read_csv(root: Path, manifest_name: str | None,
+              columns: ColumnsConfig = ColumnsConfig()) -> pd.DataFrame:
     if not manifest_name:
         raise DataError(f"{root}: format 'csv' needs a manifest file name; set the dataset's "
                         "'manifest' key")
@@ -180,10 +221,7 @@ def _read_csv(root: Path, manifest_name: str | None) -> pd.DataFrame:
         reason = " ".join(str(exc).split())
         raise DataError(f"{manifest}: not a readable CSV file ({reason}); fix the file") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    for column in ("path", "label"):
-        if column not in frame.columns:
-            raise DataError(f"{manifest}: needs a '{column}' column (has: "
-                            f"{', '.join(frame.columns)}); add it to the header line")
+    frame = _map_columns(frame, columns, manifest)
     if frame.empty:
         raise DataError(f"{manifest}: the manifest lists no images; add rows path,label")
     paths = [Path(p.strip()) if Path(p.strip()).is_absolute() else root / p.strip()
@@ -216,13 +254,16 @@ def _read_csv(root: Path, manifest_name: str | None) -> pd.DataFrame:
                                     "train, val, test for every row (or leave the column out)")
             splits = [_SPLIT_ALIASES[v] for v in raw_splits]
     groups = frame["group"].str.strip() if "group" in frame.columns else [""] * len(frame)
+    groups = ["" if g in MISSING_MARKERS else g for g in groups]  # an unknown patient: own group
     table = pd.DataFrame({
         "source_path": resolved.tolist(),
         "label": labels,
         "class_name": [classes[i] for i in labels],
         "split": splits,
-        "group": [g if g else _relative_id(p, root) for g, p in zip(groups, paths)],
+        "group": groups,
+        "group_source": [grouping.BY_COLUMN if g else grouping.BY_IMAGE for g in groups],
     })
+    table.attrs["relatives"] = [_relative_id(p, root) for p in paths]
     for column in frame.columns:
         if column not in ("path", "label", "split", "group", "class_name") \
                 and column not in table.columns:
@@ -244,11 +285,6 @@ def medmnist_labels(flag: str) -> list[str]:
         raise DataError(f"medmnist.flag: unknown MedMNIST dataset {flag!r}; use one of "
                         f"{', '.join(info)}")
     return list(info[flag]["labels"])
-
-
-def medmnist_file(root: Path, flag: str, size: int) -> Path:
-    """``<flag>.npz`` for 28 px, ``<flag>_<size>.npz`` for the larger sizes."""
-    return root / (f"{flag}.npz" if int(size) == 28 else f"{flag}_{int(size)}.npz")
 
 
 def _read_medmnist(root: Path, flag: str, size: int) -> pd.DataFrame:
@@ -361,19 +397,13 @@ def _coop_entries(path: Path, data: Any) -> list[tuple[str, str, int, str, int]]
 
 def _coop_image_dir(root: Path, split_path: Path, image_dir: str | None,
                     first: str) -> Path:
-    """Where the split's relative paths start: the configured folder, else root/<NAME> (the
-    CoOp layout) when the first image is there, else root."""
-    if image_dir:
-        base = root / image_dir
-        if not base.is_dir():
-            raise DataError(f"{base}: image folder not found; fix the dataset's 'image_dir' key "
-                            f"(relative to {root})")
-        return base
-    name = split_path.stem[len("split_"):]
-    for base in (root / name, root):
-        if name and (base / first).exists():
-            return base
-    return root
+    """Where the split's relative paths start (listing.coop_image_base); a configured folder
+    that does not exist is an error."""
+    base = coop_image_base(root, split_path, image_dir, first)
+    if image_dir and not base.is_dir():
+        raise DataError(f"{base}: image folder not found; fix the dataset's 'image_dir' key "
+                        f"(relative to {root})")
+    return base
 
 
 def _read_coop(root: Path, split_file: str | None, image_dir: str | None) -> pd.DataFrame:
@@ -412,29 +442,36 @@ def _read_coop(root: Path, split_file: str | None, image_dir: str | None) -> pd.
                             f"of '{split}'); remove the duplicate entry")
         seen[key] = f"entry {position} of '{split}'"
         rows.append({"source_path": key, "label": label, "class_name": name, "split": split,
-                     "group": _relative_id(image, root)})
+                     "group": "", "relative": _relative_id(image, root)})
     if missing:
         split, position, image = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{path}: entry {position} of '{split}' names a file that does not "
                         f"exist: {image}{more}; put the images under {base} or set 'image_dir'")
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=[*COLUMNS, "relative"])
+    table.attrs["relatives"] = table.pop("relative").tolist()
     table.attrs["classes"] = classes
     return table
 
 
 def read_source(dataset: DatasetConfig) -> pd.DataFrame:
-    """Read the dataset's source into the sample table; DataError for anything a user must fix."""
+    """Read the dataset's source into the sample table; DataError for anything a user must fix.
+
+    Groups are resolved here (data.groups); when clipsvd is to assign the split, a dataset
+    whose ids look present but are not declared stops here too.
+    """
     root = Path(dataset.root).expanduser()
     if not root.is_dir():
         hint = " (run `clipsvd demo-data` first)" if dataset.demo is not None else ""
         raise DataError(f"{root}: dataset '{dataset.name}' root folder not found{hint}; "
                         "check the dataset's 'root' key")
     root = root.resolve()
+    where = str(root)
     if dataset.format == "folder":
         table = _read_folder(root)
     elif dataset.format == "csv":
-        table = _read_csv(root, dataset.manifest)
+        table = _read_csv(root, dataset.manifest, dataset.columns)
+        where = str(root / dataset.manifest)
     elif dataset.format == "medmnist":
         if dataset.medmnist is None:
             raise DataError(f"dataset '{dataset.name}': format 'medmnist' needs the 'medmnist' "
@@ -442,35 +479,34 @@ def read_source(dataset: DatasetConfig) -> pd.DataFrame:
         table = _read_medmnist(root, dataset.medmnist.flag, dataset.medmnist.size)
     elif dataset.format == "coop_json":
         table = _read_coop(root, dataset.split_file, dataset.image_dir)
+        where = str(_find_split_file(root, dataset.split_file))
     else:
         raise DataError(f"dataset '{dataset.name}': unknown format {dataset.format!r}; "
                         "use folder, csv, medmnist or coop_json")
     if table.empty:
         raise DataError(f"{root}: dataset '{dataset.name}' has no images")
     classes = table.attrs.get("classes")
+    relatives = table.attrs.pop("relatives", None) or [relative_id(p, root)
+                                                       for p in table["source_path"]]
     table["label"] = table["label"].astype(int)
     table = table.reset_index(drop=True)
+    if dataset.format == "medmnist":
+        table["group_source"] = grouping.BY_IMAGE  # no patient ids in MedMNIST files
+    else:
+        table = grouping.resolve_groups(table, relatives, dataset.groups, where)
+        if (table["split"] == "").all():
+            extra = [c for c in table.columns if c not in COLUMNS and c not in INTERNAL_COLUMNS]
+            grouping.check_declared(table, relatives, extra, dataset.groups, dataset.format,
+                                    where)
+            grouping.check_dicom_ids(table, dataset.groups, where)
+    names = list(classes) if classes is not None else classes_of(table)
+    if len(names) < 2:
+        only = f" ({names[0]!r})" if names else ""
+        raise DataError(f"{where}: dataset '{dataset.name}' has one class{only}; a classifier "
+                        "needs two or more, check the labels (or columns.label)")
     if classes is not None:
         table.attrs["classes"] = list(classes)
     return table
-
-
-def index_files(dataset: DatasetConfig) -> list[str]:
-    """The file that lists the dataset's samples (manifest, MedMNIST npz, CoOp split file),
-    for the workflow to declare as an input; [] for class folders or when it is not there yet
-    (preparation then names what is missing)."""
-    root = Path(dataset.root).expanduser()
-    if dataset.format == "csv" and dataset.manifest:
-        path = root / dataset.manifest
-    elif dataset.format == "medmnist" and dataset.medmnist is not None:
-        path = medmnist_file(root, dataset.medmnist.flag, dataset.medmnist.size)
-    elif dataset.format == "coop_json":
-        found = ([root / dataset.split_file] if dataset.split_file
-                 else sorted(root.glob("split_*.json")) if root.is_dir() else [])
-        path = found[0] if len(found) == 1 else None
-    else:
-        path = None
-    return [str(path)] if path is not None and path.is_file() else []
 
 
 def classes_of(table: pd.DataFrame) -> list[str]:

@@ -12,7 +12,33 @@ from ..errors import DataError
 from ..io import read_json
 
 STORE_FILES = ("images.npy", "index.csv", "classes.json", "provenance.json")
+SPLITS = ("train", "val", "test")
 _TEXT_COLUMNS = ("sample_id", "source_path", "class_name", "split", "group")
+
+
+def split_summary(index: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Images, groups and classes of each split, and the images of every class in it.
+
+    Every class of the index appears in every split's ``per_class``, with 0 where the split
+    holds none of it, so a class missing from val or test shows. Recorded in provenance.json
+    under ``splits``; the report's per-dataset table is built from it.
+    """
+    names = (index[["label", "class_name"]].drop_duplicates().sort_values("label")["class_name"]
+             .astype(str).tolist())
+    summary: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        part = index[index["split"] == split]
+        counts = part["class_name"].astype(str).value_counts()
+        summary[split] = {"images": int(len(part)), "groups": int(part["group"].nunique()),
+                          "classes": int(part["class_name"].nunique()),
+                          "per_class": {name: int(counts.get(name, 0)) for name in names}}
+    return summary
+
+
+def format_split_summary(summary: dict[str, dict[str, Any]]) -> str:
+    """One log line: 'train 43 images / 22 groups / 4 classes; val ...'."""
+    return "; ".join(f"{split} {s['images']} images / {s['groups']} groups / {s['classes']} "
+                     "classes" for split, s in summary.items())
 
 
 @dataclass
