@@ -18,7 +18,7 @@ rule demo_data:
 
 rule prepare:
     input:
-        raw_input,
+        prepare_inputs,
     output:
         images=f"{layout.STORE}/images.npy",
         index=f"{layout.STORE}/index.csv",
@@ -39,6 +39,7 @@ rule prepare:
         config=CONFIG_FILE,
         store=lambda w: layout.STORE.format(dataset=w.dataset),
         preparation=preparation_hash,
+        images=image_listing,
     shell:
         "{params.cli} prepare --config {params.config:q} --dataset {wildcards.dataset} "
         "--out {params.store:q} --threads {threads} --log {log:q}"
