@@ -187,8 +187,8 @@ def check_declared(table: pd.DataFrame, relatives: list[str], extra_columns: lis
         return
     rest = table[open_rows]
     rel = [r for r, keep in zip(relatives, open_rows) if keep]
-    finding = (_id_columns(rest, extra_columns) or _id_tokens(rel)
-               or (_sub_folders(rel) if fmt == "folder" else None))
+    finding = (_id_columns(rest, extra_columns)
+               or (_sub_folders(rel) if fmt == "folder" else None) or _id_tokens(rel))
     if finding:
         raise DataError(f"{where}: {finding}, or groups.independent: true if every image is "
                         "independent (otherwise one patient's images could land in train and "
