@@ -306,3 +306,14 @@ def test_grouping_config_errors_name_the_key(dataset, key):
     raw = {"study": "s", "datasets": [{"name": "d", "root": "/data", **dataset}]}
     with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)")):
         from_dict(raw, "s.yaml")
+
+
+def test_an_empty_test_split_stops_sampling(tmp_path):
+    """Catches: a split file with no test image, which evaluate met as an sklearn traceback
+    ("Found empty input array")."""
+    from test_data_sampling import make_store
+
+    store = make_store(tmp_path / "s", {"train": [3, 3], "val": [2, 2], "test": [0, 0]})
+    with pytest.raises(DataError, match="the test split holds no image of the classes few_shot "
+                                        "uses, so nothing could be evaluated"):
+        sample_split(store, "few_shot", 1, 1, SamplingConfig())

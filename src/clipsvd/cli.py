@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClipsvdError as exc:
         message = f"clipsvd {args.command}: error: {exc}"
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
+            if isinstance(handler, logging.FileHandler) and handler.stream is not None:
                 handler.stream.write(message + "\n")
                 handler.flush()
         print(message, file=sys.stderr)

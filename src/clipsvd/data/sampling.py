@@ -105,6 +105,13 @@ def sample_split(store: PreparedStore, setting: str, shots: int, seed: int,
     def test_ids(wanted: list[int]) -> list[str]:
         return [str(i) for i in ids[np.isin(labels, wanted) & (splits == "test")]]
 
+    for key, wanted in (("test", train_labels), ("test_novel", novel_labels)):
+        if wanted and not test_ids(wanted):
+            what = "novel classes" if key == "test_novel" else "classes"
+            raise DataError(f"{store.path}: the test split holds no image of the {what} "
+                            f"{setting} uses, so nothing could be evaluated; add images (an "
+                            "assigned split needs 3 groups of a class or more) or change "
+                            "split.fractions (provenance.json 'splits' has the counts)")
     train_idx = np.concatenate(train_pos) if train_pos else np.zeros(0, dtype=np.int64)
     val_idx = np.concatenate(val_pos) if val_pos else np.zeros(0, dtype=np.int64)
     result: dict[str, Any] = {
