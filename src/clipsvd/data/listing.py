@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from ..config import DatasetConfig
@@ -80,20 +81,20 @@ def _walk(folder: str) -> list[tuple[str, int, int]]:
                 if entry.is_dir():
                     stack.append(entry.path)
                 elif is_image_name(entry.name) and entry.is_file():
-                    stat = entry.stat()
-                    found.append((entry.path, stat.st_size, stat.st_mtime_ns))
+                    info = entry.stat()
+                    found.append((entry.path, info.st_size, info.st_mtime_ns))
     return found
 
 
 def _entry(path: str) -> list[tuple[str, int, int]]:
-    """One listed sample: a file, or a DICOM series folder (its files)."""
+    """One listed sample: a file, or a DICOM series folder (its files); one stat for a file."""
     try:
-        stat = os.stat(path)
+        info = os.stat(path)
     except OSError:
         return [(path, -1, -1)]  # missing: preparation says so
-    if os.path.isdir(path):
+    if stat.S_ISDIR(info.st_mode):
         return _walk(path) or [(path, -1, -1)]
-    return [(path, stat.st_size, stat.st_mtime_ns)]
+    return [(path, info.st_size, info.st_mtime_ns)]
 
 
 def _manifest_paths(dataset: DatasetConfig, root: Path) -> list[str]:
@@ -127,10 +128,9 @@ def source_listing(dataset: DatasetConfig) -> list[tuple[str, int, int]]:
         entries = [e for d in sorted(os.scandir(root), key=lambda d: d.name)
                    if d.is_dir() and not d.name.startswith(".") for e in _walk(d.path)]
     elif dataset.format == "csv" and dataset.manifest:
-        entries = []
-        for path in _manifest_paths(dataset, root):
-            full = path if os.path.isabs(path) else str(root / path)
-            entries += _entry(full)
+        base = str(root)
+        entries = [e for path in _manifest_paths(dataset, root)
+                   for e in _entry(os.path.join(base, path))]  # an absolute path stays
     elif dataset.format == "coop_json":
         entries = [e for path in _coop_paths(dataset, root) for e in _entry(path)]
     else:

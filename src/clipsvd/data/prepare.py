@@ -635,7 +635,6 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             "n_samples": total,
             "n_images": len(rows),
             "n_classes": len(classes),
-            "images_per_split": {s: int((index["split"] == s).sum()) for s in SPLITS},
             "splits": splits,
             "groups": grouping,
             "warnings": warnings_,
