@@ -317,3 +317,15 @@ def test_an_empty_test_split_stops_sampling(tmp_path):
     with pytest.raises(DataError, match="the test split holds no image of the classes few_shot "
                                         "uses, so nothing could be evaluated"):
         sample_split(store, "few_shot", 1, 1, SamplingConfig())
+
+
+def test_a_spreadsheet_manifest_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark. Catches: a header read as
+    '\\ufeffpath', so that "needs a 'path' column (has: path, label)" made no sense."""
+    root = tmp_path / "bom"
+    for i in range(6):
+        write_png(root / f"{i}.png", blob(i, 8))
+    text = "path,label\n" + "".join(f"{i}.png,{'ab'[i % 2]}\n" for i in range(6))
+    (root / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    store = prepared(csv_dataset(root), tmp_path / "p")
+    assert len(store.index) == 6

@@ -64,13 +64,11 @@ def pattern_groups(relatives: list[str], pattern: str, where: str) -> list[str]:
 def is_dicom(path: str) -> bool:
     """A DICOM file (by suffix or the DICM marker) or a folder of DICOM slices."""
     p = Path(path)
-    if p.is_dir():
-        return True
     name = p.name.lower()
-    if name.endswith((".dcm", ".dicom")):
-        return True
     if name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz")):
         return False
+    if name.endswith((".dcm", ".dicom")) or p.is_dir():
+        return True
     try:
         with open(p, "rb") as handle:
             handle.seek(128)

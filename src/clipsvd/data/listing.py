@@ -98,7 +98,7 @@ def _entry(path: str) -> list[tuple[str, int, int]]:
 
 
 def _manifest_paths(dataset: DatasetConfig, root: Path) -> list[str]:
-    with open(root / dataset.manifest, newline="", encoding="utf-8") as handle:
+    with open(root / dataset.manifest, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = [h.strip() for h in next(reader, [])]
         column = header.index(dataset.columns.path) if dataset.columns.path in header else None

@@ -216,7 +216,8 @@ def _read_csv(root: Path, manifest_name: str | None,
         raise DataError(f"{manifest}: manifest file not found; create it or fix the dataset's "
                         "'manifest' key")
     try:
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8")
+        # utf-8-sig: spreadsheet exports start with a byte-order mark, not part of the header
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         reason = " ".join(str(exc).split())
         raise DataError(f"{manifest}: not a readable CSV file ({reason}); fix the file") from None
