@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,9 @@ from clipsvd.data.store import PreparedStore
 from conftest import workflow_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "medmnist"
+# <repo root>/../shared as in CI; CLIPSVD_SHARED names it where the clone lives elsewhere (a
+# git worktree).
+SHARED = Path(os.environ.get("CLIPSVD_SHARED", ROOT.parent / "shared")) / "data" / "medmnist"
 STUDY = ROOT / "config" / "studies" / "medmnist_few_shot.yaml"
 OFFICIAL = {
     "bloodmnist": {

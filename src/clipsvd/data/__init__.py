@@ -1,9 +1,12 @@
 """Data: sources -> one sample table -> MONAI preparation -> prepared store -> few-shot splits.
 
-Modules: ``sources`` (folder, CSV manifest, MedMNIST npz, CoOp split JSON), ``npz`` (arrays
-of an npz, streamed), ``prepare`` (MONAI chain, grouped split, store writer, preparation
-fingerprint), ``store`` (PreparedStore reader), ``sampling`` (support sets, split files),
-``demo`` (the offline synthetic dataset). docs/data.md documents every format and option.
+Modules: ``sources`` (folder, CSV manifest, MedMNIST npz, CoOp split JSON), ``groups``
+(patients and studies: columns, patterns, DICOM ids, undeclared ids), ``readers`` (PIL modes
+as a viewer shows them, why a file cannot be read), ``npz`` (arrays of an npz, streamed),
+``prepare`` (MONAI chain, grouped split, store writer), ``fingerprint`` and ``listing`` (what
+a store depends on, light enough for the workflow's DAG building), ``store`` (PreparedStore
+reader, per-split summary), ``sampling`` (support sets, split files), ``demo`` (the offline
+synthetic dataset). docs/data.md documents every format and option.
 """
 from importlib import import_module
 
