@@ -29,13 +29,9 @@ _ID_TOKEN = re.compile(r"(?<![a-z])(patient|pat|pt|subject|subj|sub|case|partici
                        r"pid|id)[-_ ]?\d+|(?<![a-z0-9])p\d{2,}(?=[-_. /])", re.IGNORECASE)
 
 
-def compile_pattern(pattern: str) -> re.Pattern:
-    """The config check already refused invalid patterns; a named group 'group' wins."""
-    return re.compile(pattern)
-
-
 def match_group(compiled: re.Pattern, relative: str) -> str | None:
-    """The group a pattern takes from one relative path, or None when it does not match."""
+    """The group a pattern takes from one relative path (its group named 'group', else its
+    capture group, else the whole match), or None when it does not match."""
     found = compiled.search(relative)
     if found is None:
         return None
@@ -50,7 +46,7 @@ def match_group(compiled: re.Pattern, relative: str) -> str | None:
 
 def pattern_groups(relatives: list[str], pattern: str, where: str) -> list[str]:
     """Apply ``groups.pattern`` to every relative path; an image it misses is an error."""
-    compiled = compile_pattern(pattern)
+    compiled = re.compile(pattern)  # the config check refused invalid patterns
     groups = [match_group(compiled, rel) for rel in relatives]
     missed = [rel for rel, group in zip(relatives, groups) if group is None]
     if missed:
