@@ -96,11 +96,17 @@ def test_undeclared_patient_column_stops_with_how_to_declare_it(tmp_path):
 
 
 def test_independent_images_are_an_explicit_choice(tmp_path):
-    """groups.independent: true splits image by image, as asked (and says so in provenance)."""
+    """groups.independent: true splits image by image, as asked (and says so in provenance);
+    with a group column in the manifest too, it stops: the two contradict each other."""
     root = leaky_manifest(tmp_path / "m")
     store = prepared(csv_dataset(root, RENAMED, GroupsConfig(independent=True)), tmp_path / "p")
     assert store.index["group"].nunique() == PATIENTS * VIEWS
     assert store.provenance["groups"]["independent"] is True
+    manifest = root / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace("patient_id", "group", 1))
+    assert_prepare_fails_cleanly(csv_dataset(root, RENAMED, GroupsConfig(independent=True)),
+                                 tmp_path, "groups.independent is true, but the manifest's "
+                                           "group column gives 72 images a group")
 
 
 def folder_with_ids(root: Path, layout: str) -> Path:

@@ -101,8 +101,11 @@ def resolve_groups(table: pd.DataFrame, relatives: list[str], groups: GroupsConf
         table["group_source"] = BY_IMAGE
     given = table["group_source"] == BY_COLUMN
     if groups.independent:
-        table.loc[~given, "group"] = [rel for rel, g in zip(relatives, given) if not g]
-        table.loc[~given, "group_source"] = BY_IMAGE
+        if given.any():
+            raise DataError(f"{where}: groups.independent is true, but the manifest's group "
+                            f"column gives {int(given.sum())} images a group; remove the key or "
+                            "the column")
+        table["group"] = list(relatives)
         return table
     open_rows = [i for i, g in enumerate(given) if not g]
     if groups.pattern is not None and open_rows:
