@@ -457,14 +457,14 @@ class SVDAdapter(Adapter):
     def attach(cls, model: nn.Module, config: SVDConfig | Mapping[str, Any] | None = None
                ) -> "SVDAdapter":
         """Decompose the selected weights, reparametrise them in place, freeze the rest."""
-        from ..models import state_dict_fingerprint
+        from ..models import model_fingerprint
 
         config = SVDConfig.from_dict(config)
         if has_adapter(model):
             raise ModelError("this model already has an adapter attached; load a fresh model "
                              "before attaching another")
         sites = select_targets(model, config, "CLIP-SVD")
-        base_fingerprint = state_dict_fingerprint(model)
+        base_fingerprint = model_fingerprint(model)
         base_count = count_parameters(model)
         # Group the selected row blocks by the tensor they live in, so a fused q/k/v weight
         # gets one parametrization covering its selected thirds.
