@@ -74,3 +74,78 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         config.load(tmp_path / "nope.yaml")
+
+
+# The public CLIP-SVD configs (github.com/HealthX-Lab/CLIP-SVD at 022b1ed), transcribed:
+# configs/few_shot/<name>.yaml and configs/base2new/<name>.yaml, as (lr, train_epochs,
+# template, blocks of include_train_layers). Every one has batch_size 32, weight_decay 0,
+# both encoders and q, k, v, o_proj and mlp trained; docs/studies.md compares the rest.
+ALL_BLOCKS = tuple(range(12))
+PUBLIC_FEW_SHOT = {
+    "BTMRI": (7e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "BUSI": (2e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "CHMNIST": (7e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "COVID_19": (5e-4, 100, "a chest xray of {}.", ALL_BLOCKS),
+    "CTKidney": (1e-3, 200, "a photo of a {}.", ALL_BLOCKS),
+    "KneeXray": (8e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "Kvasir": (5e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "LungColon": (3e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "OCTMNIST": (1e-2, 100, "a photo of a {}.", ALL_BLOCKS),
+    "RETINA": (7e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+}
+PUBLIC_BASE_TO_NOVEL = {
+    "BTMRI": (9e-3, 100, "a photo of a {}.", ALL_BLOCKS),
+    "CHMNIST": (1e-3, 60, "a photo of a {}.", ALL_BLOCKS),
+    "COVID_19": (2e-3, 50, "a photo of a {}.", ALL_BLOCKS),
+    "CTKidney": (1e-2, 200, "a photo of a {}.", tuple(range(4, 12))),  # top_middle
+    "KneeXray": (2e-3, 60, "a photo of a {}.", ALL_BLOCKS),
+    "Kvasir": (3e-3, 60, "a photo of a {}.", ALL_BLOCKS),
+    "LungColon": (1e-2, 100, "a photo of a {}.", ALL_BLOCKS),
+    "OCTMNIST": (2e-2, 100, "a photo of a {}.", ALL_BLOCKS),
+    "RETINA": (2e-2, 60, "a photo of a {}.", ALL_BLOCKS),
+}
+
+
+@pytest.mark.parametrize("study, public", [("biomedclip_few_shot", PUBLIC_FEW_SHOT),
+                                           ("biomedclip_base_to_novel", PUBLIC_BASE_TO_NOVEL)])
+def test_paper_studies_match_the_public_clip_svd_configs(study, public):
+    """Issue 16.4: the base-to-novel study prompted COVID with the few-shot config's
+    'a chest xray of {}.' and trained all blocks of CTKidney where the public config trains
+    blocks 4-11. Each dataset's resolved CLIP-SVD settings (overrides applied) must equal
+    the public config's, and the shared ones the public values (docs/studies.md). Catches
+    either old value, and any later drift of a learning rate, length or template."""
+    from clipsvd.adapters.svd import resolve_layers
+
+    cfg = config.load(f"config/studies/{study}.yaml")
+    assert {d.name for d in cfg.datasets} == set(public)
+    assert cfg.model.name == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert cfg.model.logit_scale == "model" and cfg.seeds == (1, 2, 3)
+    for dataset in cfg.datasets:
+        lr, epochs, template, blocks = public[dataset.name]
+        settings = cfg.training("clip_svd", dataset.name)
+        assert (settings.lr, settings.epochs, settings.iterations_per_shot) == (lr, epochs, None)
+        assert dataset.templates == (template,), dataset.name
+        assert tuple(resolve_layers(settings.layers, 12)) == blocks, dataset.name
+        assert (settings.batch_size, settings.weight_decay, settings.min_lr) == (32, 0.0, 1e-6)
+        assert set(settings.encoders) == {"vision", "text"}
+        assert set(settings.matrices) == {"q", "k", "v", "out", "mlp"}
+        assert tuple(settings.crop_scale) == (0.08, 1.0) and settings.flip
+        assert settings.precision == "fp16"
+        for baseline in ("clip_lora", "comp_lora"):
+            assert cfg.training(baseline, dataset.name).precision == "fp16"
+
+
+def test_a_dataset_override_can_choose_the_layers():
+    """`layers` in a dataset's overrides applies to that dataset only (the public CTKidney
+    base-to-novel config); without an override the method's own layers hold. Catches a schema
+    default for the override filling 'all' into every dataset that overrides anything."""
+    raw = {**MINIMAL, "clip_svd": {"layers": "top4"}, "datasets": [
+        {"name": "d", "format": "folder", "root": "data",
+         "overrides": {"clip_svd": {"lr": 0.1, "layers": [4, 5]}}},
+        {"name": "e", "format": "folder", "root": "data", "overrides": {"clip_svd": {"lr": 0.1}}}]}
+    cfg = config.from_dict(raw)
+    assert cfg.training("clip_svd", "d").layers == [4, 5]
+    assert cfg.training("clip_svd", "e").layers == "top4"
+    with pytest.raises(ConfigError, match="overrides.clip_svd.layers"):
+        config.from_dict({**raw, "datasets": [{"name": "d", "format": "folder", "root": "data",
+                                               "overrides": {"clip_svd": {"layers": "upper"}}}]})

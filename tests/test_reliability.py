@@ -201,7 +201,7 @@ def trained(toy, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("model, named", [
-    ({"init_seed": 5}, "was trained on base weights"),
+    ({"init_seed": 5}, "was trained on base model"),
     ({"name": "tiny-timm-clip"}, "load the same model and pretrained weights"),
 ])
 def test_adapter_of_another_model_via_the_cli(toy, trained, tmp_path, run_cli, model, named):

@@ -114,7 +114,8 @@ class Adapter(ABC):
 
         Refuses (ModelError naming the file) another adapter kind, a missing or unexpected
         key, a shape mismatch (expected vs found), and, with ``check_fingerprint``, a file
-        trained on different base weights.
+        trained on a base model of other weights or architecture
+        (:func:`clipsvd.models.model_fingerprint`).
         """
         path = Path(path)
         header = self.read_metadata(path)
@@ -141,9 +142,10 @@ class Adapter(ABC):
                                  f"{tuple(tensor.shape)}; it was trained with another model")
         found_fp = header.get("model_fingerprint")
         if check_fingerprint and found_fp and found_fp != self.base_fingerprint:
-            raise ModelError(f"adapter file {path} was trained on base weights {found_fp}, but "
-                             f"this model is {self.base_fingerprint}; load the same model and "
-                             "pretrained weights it was trained with")
+            raise ModelError(f"adapter file {path} was trained on base model {found_fp} "
+                             f"(architecture and weights), but this model is "
+                             f"{self.base_fingerprint}; load the same model and pretrained "
+                             "weights it was trained with")
         with torch.no_grad():
             for key, tensor in tensors.items():
                 parameter = expected[key]

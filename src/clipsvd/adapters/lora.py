@@ -411,14 +411,14 @@ class LoRAAdapter(Adapter):
     def attach(cls, model: nn.Module, config: LoRAConfig | Mapping[str, Any] | None = None
                ) -> "LoRAAdapter":
         """Put branches on the selected matrices (in place) and freeze everything else."""
-        from ..models import state_dict_fingerprint
+        from ..models import model_fingerprint
 
         config = cls.config_class.from_dict(config)
         if has_adapter(model):
             raise ModelError("this model already has an adapter attached; load a fresh model "
                              "before attaching another")
         sites = select_targets(model, config, cls.method)
-        base_fingerprint = state_dict_fingerprint(model)
+        base_fingerprint = model_fingerprint(model)
         base_count = count_parameters(model)
         by_module: dict[str, list[TargetSite]] = {}
         for site in sites:

@@ -13,6 +13,10 @@ of two ways, chosen per layer and call by a cost model (:func:`choose_execution`
 
 ``execution: recompose`` in the study config forces the bit-exact form everywhere.
 
+Under autocast (bf16/fp16 training) ``s``, ``s - s0`` and their products stay float32: the
+recomposed weight is formed in float32 and keeps the dtype of the weight it replaces, and the
+factored form scales by ``s`` in float32 (docs/precision.md).
+
 Keys (in saved files, :meth:`SVDAdapter.state_dict`, :meth:`describe`) are
 ``{encoder}.layer{i}.{matrix}``: encoder ``vision`` or ``text``, ``i`` the block index from
 0 (input side), matrix one of ``q k v out mlp_fc mlp_proj`` (e.g. ``vision.layer0.q``,
@@ -317,15 +321,22 @@ class SingularValueDelta(nn.Module):
                 getattr(self, f"Vh_{block}"))
 
     def delta(self, block: int) -> torch.Tensor:
+        """``U diag(s - s0) Vh`` of one row block (float32 outside autocast)."""
         u, s0, vh = self.factors(block)
         return (u * (self.s[str(block)] - s0)) @ vh
 
     def factored(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x (U diag(s) Vh)ᵀ + bias`` without forming the matrix: x → Vhᵀ → ·s → Uᵀ."""
+        """``x (U diag(s) Vh)ᵀ + bias`` without forming the matrix: x → Vhᵀ → ·s → Uᵀ.
+
+        The two products with U and Vh run in ``x``'s dtype (under autocast: the autocast
+        dtype, like every other layer); the scaling by ``s`` runs in float32, so ``s`` is
+        never rounded to bf16/fp16 and its gradient is summed over the tokens in float32.
+        """
         u, _, vh = self.factors(0)
         dtype = x.dtype
-        hidden = F.linear(x, vh.to(dtype)) * self.s["0"].to(dtype)
-        return F.linear(hidden, u.to(dtype), None if bias is None else bias.to(dtype))
+        s = self.s["0"]
+        scaled = F.linear(x, vh.to(dtype)).to(s.dtype) * s
+        return F.linear(scaled.to(dtype), u.to(dtype), None if bias is None else bias.to(dtype))
 
     def choose(self, x: torch.Tensor) -> str:
         """The execution for one call on input ``x`` (logged once per layer and choice)."""
@@ -346,17 +357,26 @@ class SingularValueDelta(nn.Module):
         return choice
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.num_blocks == 1:
-            u, s0, vh = self.factors(0)
-            return torch.addmm(weight, (u * (self.s["0"] - s0)).to(weight.dtype),
-                               vh.to(weight.dtype))
-        pieces = []
-        for block in range(self.num_blocks):
-            if block in self.selected:
-                pieces.append(self.delta(block).to(weight.dtype))
-            else:
-                pieces.append(weight.new_zeros(self.block_rows, weight.shape[1]))
-        return weight + torch.cat(pieces, dim=0)
+        """``W0 + ΔW`` in ``W0``'s dtype, computed in float32 with autocast off.
+
+        Under autocast an ``addmm`` would return the autocast dtype: the singular values'
+        products would be rounded to bf16/fp16, and the adapted weight would no longer have
+        the dtype of the weight it replaces (open_clip casts its whole text tower to the
+        dtype of ``resblocks[0].mlp.c_fc.weight``). The layers that use the weight still cast
+        it to the autocast dtype, exactly as they cast the unadapted ``W0``.
+        """
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            base = weight.float()
+            if self.num_blocks == 1:
+                u, s0, vh = self.factors(0)
+                return torch.addmm(base, u * (self.s["0"] - s0), vh).to(weight.dtype)
+            pieces = []
+            for block in range(self.num_blocks):
+                if block in self.selected:
+                    pieces.append(self.delta(block))
+                else:
+                    pieces.append(base.new_zeros(self.block_rows, weight.shape[1]))
+            return (base + torch.cat(pieces, dim=0)).to(weight.dtype)
 
 
 def execution_costs(rows: int, cols: int, tokens: int, training: bool = True
@@ -457,14 +477,14 @@ class SVDAdapter(Adapter):
     def attach(cls, model: nn.Module, config: SVDConfig | Mapping[str, Any] | None = None
                ) -> "SVDAdapter":
         """Decompose the selected weights, reparametrise them in place, freeze the rest."""
-        from ..models import state_dict_fingerprint
+        from ..models import model_fingerprint
 
         config = SVDConfig.from_dict(config)
         if has_adapter(model):
             raise ModelError("this model already has an adapter attached; load a fresh model "
                              "before attaching another")
         sites = select_targets(model, config, "CLIP-SVD")
-        base_fingerprint = state_dict_fingerprint(model)
+        base_fingerprint = model_fingerprint(model)
         base_count = count_parameters(model)
         # Group the selected row blocks by the tensor they live in, so a fused q/k/v weight
         # gets one parametrization covering its selected thirds.
