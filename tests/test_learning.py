@@ -162,3 +162,25 @@ def test_evaluation_with_the_adapter_detached_fails_the_check(toy, trained, meth
     evaluate(cfg, "toy", method, root / "split.json", root / "store", run)
     with pytest.raises(AssertionError, match="does not beat the unadapted model"):
         assert_learns(run, root / "zero_shot")
+
+
+@pytest.mark.parametrize("length", [{"epochs": 1}, {"epochs": 3}, {"iterations_per_shot": 5}])
+def test_learning_rate_of_a_run_anneals_once_over_all_its_steps(toy, tmp_path, length):
+    """The learning rates a real run recorded in train_history.csv: one cosine from lr to
+    min_lr over all its steps, never rising, however the length is given (4 steps per epoch
+    here: 16 support images, batch 4). Catches the public code's schedule (T_max = epochs,
+    stepped every batch: it rises again after `epochs` steps) and one that restarts every
+    epoch."""
+    root, _ = toy
+    raw = study(root)
+    raw["clip_svd"] = {"lr": 0.01, "min_lr": 1e-4, "batch_size": 4, **length}
+    cfg = config.from_dict(raw)
+    adapt(cfg, "toy", "clip_svd", root / "split.json", root / "store", tmp_path / "run")
+    lrs = pd.read_csv(tmp_path / "run" / layout.TRAIN_HISTORY).lr.tolist()
+    steps = 4 * length["epochs"] if "epochs" in length else SHOTS * length["iterations_per_shot"]
+    assert len(lrs) == steps
+    assert lrs[0] == pytest.approx(0.01, rel=1e-12) and lrs[-1] == pytest.approx(1e-4, rel=1e-9)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs
+    one_cosine = [1e-4 + 0.5 * (0.01 - 1e-4) * (1 + math.cos(math.pi * t / (steps - 1)))
+                  for t in range(steps)]
+    assert lrs == pytest.approx(one_cosine, rel=1e-9)
