@@ -64,8 +64,9 @@ def the_one(paths: list[Path]) -> Path:
 
 
 def test_base_and_novel_classes_follow_the_protocol(b2n_study):
-    """Catches base classes that are not the first ceil(n/2) of the sorted label ids, novel
-    images in the training or base test set, and test sets that share a class or an image."""
+    """Base classes are the first ceil(n/2) of the sorted label ids; the support sets and the
+    base test set hold no novel class; the two test sets share no class and no image. Catches
+    a sampler that trains on every class (tried)."""
     store = the_one(sorted(b2n_study.glob("results/prepared/**/index.csv"))).parent
     classes = json.loads((store / "classes.json").read_text())
     classes = classes["classes"] if isinstance(classes, dict) else classes
@@ -90,10 +91,10 @@ def test_base_and_novel_classes_follow_the_protocol(b2n_study):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_metrics_equal_the_predictions_counted_by_hand(b2n_study, method):
-    """Base and novel accuracy and their harmonic mean recomputed from predictions.csv.
-    Catches novel images scored with the base class names, labels not relabelled from 0 in
-    each group, the arithmetic mean in place of the harmonic one, and a report that shows
-    other numbers than the run's."""
+    """Base and novel accuracy and their harmonic mean recomputed from predictions.csv, each
+    group relabelled from 0 and predicted over its own classes only, and the report showing
+    the run's numbers. Catches novel images scored with the base class names and the
+    arithmetic mean in place of the harmonic one (both tried)."""
     run = run_folder(b2n_study, method)
     split = json.loads(the_one([p for p in b2n_study.glob("results/splits/**/*.json")
                                 if json.loads(p.read_text())["shots"] == 2]).read_text())
@@ -128,8 +129,9 @@ def test_metrics_equal_the_predictions_counted_by_hand(b2n_study, method):
 def test_command_line_overrides_reach_the_jobs(b2n_study):
     """`--config study=… seeds=[2] clip_svd={lr: 0.02, epochs: 3}`: the configuration the jobs
     read holds them with their types (Snakemake leaves nested values strings; they failed the
-    schema before), and the training job used them. Catches jobs reading the study file
-    instead of the resolved configuration, and overrides lost or left as strings."""
+    schema before), and the training job used them. Catches overrides left as Snakemake
+    hands them over (tried: the study then stops on `key 'seeds.0': '2' is not of type
+    'integer'`) and jobs that read the study file instead of the resolved configuration."""
     resolved = json.loads((b2n_study / layout.STUDY_CONFIG.format(study=STUDY)).read_text())
     assert resolved["study"] == STUDY and resolved["seeds"] == [2]
     assert resolved["clip_svd"]["lr"] == 0.02 and resolved["clip_svd"]["epochs"] == 3
