@@ -55,6 +55,7 @@ def test_fingerprint_changes_with_content():
     (with_(model={"logit_scale": -1}), "model.logit_scale"),
     (with_(threads=0), "threads"),
     (with_(clip_svd={"execution": "fast"}), "clip_svd.execution"),
+    (with_(settings=["few_shot", "base_to_novel"]), "methods"),  # the default methods: + probe
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
@@ -149,3 +150,25 @@ def test_a_dataset_override_can_choose_the_layers():
     with pytest.raises(ConfigError, match="overrides.clip_svd.layers"):
         config.from_dict({**raw, "datasets": [{"name": "d", "format": "folder", "root": "data",
                                                "overrides": {"clip_svd": {"layers": "upper"}}}]})
+
+
+def test_linear_probe_is_refused_with_base_to_novel():
+    """The probe has weights only for its training (base) classes: on novel classes it would
+    score class i with base class i's weights, a silent wrong result. Catches the check gone."""
+    with pytest.raises(ConfigError, match="remove linear_probe from methods or base_to_novel"):
+        config.from_dict(with_(methods=["zero_shot", "linear_probe"], settings=["base_to_novel"]))
+    assert config.from_dict(with_(methods=["zero_shot", "clip_svd"], settings=["base_to_novel"]))
+
+
+def test_command_line_values_are_typed_as_in_a_study_file():
+    """Snakemake hands nested `--config` values over as strings (YAML's BaseLoader); they are
+    read again as YAML scalars. Catches numbers or booleans left as strings (the schema then
+    refuses `seeds=[3]`) and strings that only look like something else turned into it."""
+    given = {"study": "s", "seeds": ["3"], "clip_svd": {"lr": "0.02", "min_lr": "1e-5",
+                                                         "flip": "false", "layers": "top4"},
+             "tracking": {"uri": "null"}, "datasets": [{"name": "nan", "templates": ["a {}"]}]}
+    assert config.typed_overrides(given) == {
+        "study": "s", "seeds": [3], "clip_svd": {"lr": 0.02, "min_lr": 1e-5, "flip": False,
+                                                  "layers": "top4"},
+        "tracking": {"uri": None}, "datasets": [{"name": "nan", "templates": ["a {}"]}]}
+    assert config.typed_overrides({"threads": 2, "x": True}) == {"threads": 2, "x": True}

@@ -134,7 +134,11 @@ def test_npz_rows_stream_like_the_array(tmp_path):
 
 
 def test_shipped_label_names_match_medmnist_info():
-    info = pytest.importorskip("medmnist.info").INFO
+    """The package's copy of the label names against the official INFO dict of the pinned
+    medmnist release (a test dependency, so this runs everywhere). Catches an edited, reordered
+    or missing name in resources/medmnist_labels.json."""
+    from medmnist.info import INFO as info
+
     for flag, entry in info.items():
         labels = entry["label"]
         assert medmnist_labels(flag) == [labels[str(i)] for i in range(len(labels))]

@@ -71,12 +71,41 @@ def test_changed_results_supersede_the_older_run(in_tmp):
 
 
 def test_unreachable_backend_never_fails_the_job(in_tmp, monkeypatch):
+    """Catches a bug in logging passing as a skip (a KeyError on a tag before the first request
+    was recorded as "skipped" and passed the old status-only check)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     run = make_run(in_tmp)
     record = tracking.mirror_run(run, tags(), "http://127.0.0.1:9", True)
     assert record["status"] == "skipped"
-    assert json.loads((run / layout.TRACKING_RECORD).read_text())["status"] == "skipped"
+    assert json.loads((run / layout.TRACKING_RECORD).read_text()) == record
+    # Skipped because nothing listens there, not for any other reason (mirror_run turns every
+    # exception into a skip; a bug in logging would pass a status-only check).
+    assert_unreachable(record["reason"], "http://127.0.0.1:9")
+
+
+def assert_unreachable(reason: str, uri: str) -> None:
+    assert reason.startswith("MlflowException: API request to " + uri + "/api/"), reason
+    assert "Connection refused" in reason and "\n" not in reason, reason
+
+
+def test_a_skip_records_its_cause_on_one_stable_line(in_tmp, monkeypatch):
+    """Any exception while logging becomes a skip (the job never fails for MLflow); the record
+    names the exception and its message, without object addresses or line breaks. Catches a
+    reason that is dropped, or that varies from run to run."""
+    run = make_run(in_tmp)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("<urllib3.connection.HTTPConnection object at 0x7f3a2b1c9d90>:\n"
+                              "  Failed to establish a new connection")
+
+    monkeypatch.setattr(tracking, "log_run_folder", broken)
+    record = tracking.mirror_run(run, tags(), "http://127.0.0.1:9", True)
+    assert record == {"status": "skipped", "tracking_uri": "http://127.0.0.1:9",
+                      "reason": "ConnectionError: <urllib3.connection.HTTPConnection object>: "
+                                "Failed to establish a new connection"}
+    monkeypatch.setattr(tracking, "log_run_folder", lambda *a, **k: {}["study"])
+    assert tracking.mirror_run(run, tags(), None, True)["reason"] == "KeyError: 'study'"
 
 
 def test_sync_logs_what_mlflow_lacks_once(in_tmp, monkeypatch):
@@ -87,7 +116,9 @@ def test_sync_logs_what_mlflow_lacks_once(in_tmp, monkeypatch):
         run = make_run(in_tmp, accuracy=seed / 10, seed=seed)
         (run / layout.RUN_RECORD).write_text(json.dumps({"tags": tags(seed)}))
         # The job ran while the tracking server was down: results complete, MLflow skipped.
-        assert tracking.mirror_run(run, tags(seed), "http://127.0.0.1:9", True)["status"] == "skipped"
+        record = tracking.mirror_run(run, tags(seed), "http://127.0.0.1:9", True)
+        assert record["status"] == "skipped"
+        assert_unreachable(record["reason"], "http://127.0.0.1:9")
         runs.append(run)
     first = tracking.sync("st", None)
     assert first == {"logged": 3, "present": 0, "skipped": 0}

@@ -36,7 +36,12 @@ def test_study_with_dead_tracking_server_then_sync(tmp_path):
     assert len(runs) == 2
     for folder in runs:
         assert json.loads((folder / "metrics.json").read_text())["accuracy"] >= 0
-        assert json.loads((folder / "mlflow.json").read_text())["status"] == "skipped"
+        record = json.loads((folder / "mlflow.json").read_text())
+        assert record["status"] == "skipped"
+        # skipped because the server was down, not because of an error of the job's own
+        assert record["reason"].startswith("MlflowException: API request to "
+                                           "http://127.0.0.1:9/api/"), record
+        assert "Connection refused" in record["reason"], record
     assert (tmp_path / "results" / "report" / "outage" / "accuracy.csv").exists()
 
     def sync():

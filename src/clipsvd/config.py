@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,10 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
                                   f"exactly one '{{}}' where the class name goes, got {template!r}")
+    if "linear_probe" in data["methods"] and "base_to_novel" in data["settings"]:
+        raise ConfigError(f"{source}: key 'methods': linear_probe has weights only for the classes "
+                          "it was trained on, so it cannot be tested on novel classes; remove "
+                          "linear_probe from methods or base_to_novel from settings")
     for method, cls in METHOD_CONFIGS.items():
         given = raw.get(method) or {}
         section = data[method]
@@ -405,6 +410,32 @@ def load(path: str | Path) -> StudyConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
     return from_dict(raw, str(path))
+
+
+def typed_overrides(overrides: Any) -> Any:
+    """`--config key=value` values as YAML would read them.
+
+    Snakemake parses a value that is not a plain number with YAML's BaseLoader, which leaves
+    every scalar inside it a string (`seeds=[3]` gives ['3'], `clip_svd={lr: 0.02}` gives
+    {'lr': '0.02'}); such strings become numbers, booleans or null again, other strings stay.
+    """
+    if isinstance(overrides, dict):
+        return {key: typed_overrides(value) for key, value in overrides.items()}
+    if isinstance(overrides, list):
+        return [typed_overrides(value) for value in overrides]
+    if isinstance(overrides, str):
+        for parse in (int, float):
+            try:
+                number = parse(overrides)
+            except ValueError:
+                continue
+            return number if math.isfinite(number) else overrides
+        try:  # as in a config file: true/false (and YAML 1.1's yes/no), null and ~
+            value = yaml.safe_load(overrides)
+        except yaml.YAMLError:
+            return overrides
+        return value if value is None or isinstance(value, bool) else overrides
+    return overrides
 
 
 def write_resolved(raw: dict[str, Any], path: str | Path) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,13 @@ RUN_KEY = "clipsvd.run_key"
 CONTENT = "clipsvd.content_hash"
 SUPERSEDED = "clipsvd.superseded"
 GROUP_KEY = "clipsvd.group_key"
+
+
+def skip_reason(exc: BaseException) -> str:
+    """Why MLflow was skipped, as recorded in mlflow.json: the exception's type and message on
+    one line, without object addresses, so the same failure always reads the same."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {text}"[:2000]
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -211,11 +219,11 @@ def mirror_run(run_dir: Path, tags: dict[str, str], uri: str | None, enabled: bo
             record = {"status": "logged" if created else "present", "run_id": run_id,
                       "tracking_uri": resolved}
         except Exception as exc:  # noqa: BLE001 - tracking must never lose a finished result
+            reason = skip_reason(exc)
             log.warning("MLflow was skipped for %s (%s); the results on disk are complete, "
                         "`clipsvd sync` logs them later", run_dir,
-                        damaged_store(resolved, (str(exc),)) or f"{type(exc).__name__}: {exc}")
-            record = {"status": "skipped", "tracking_uri": resolved,
-                      "reason": f"{type(exc).__name__}: {exc}"}
+                        damaged_store(resolved, (str(exc),)) or reason)
+            record = {"status": "skipped", "tracking_uri": resolved, "reason": reason}
     write_json(run_dir / layout.TRACKING_RECORD, record)
     return record
 
@@ -286,5 +294,6 @@ def mirror_report(study: str, report_dir: Path, uri: str | None, enabled: bool) 
             client.set_terminated(run.info.run_id, "FINISHED")
         return {"status": "logged", "run_id": run.info.run_id, "tracking_uri": resolved}
     except Exception as exc:  # noqa: BLE001 - the report on disk is what matters
-        log.warning("MLflow was skipped for the report (%s: %s)", type(exc).__name__, exc)
-        return {"status": "skipped", "tracking_uri": resolved, "reason": f"{type(exc).__name__}: {exc}"}
+        reason = skip_reason(exc)
+        log.warning("MLflow was skipped for the report (%s)", reason)
+        return {"status": "skipped", "tracking_uri": resolved, "reason": reason}

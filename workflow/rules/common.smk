@@ -18,15 +18,23 @@ from clipsvd.config import (
     METHODS,
     ConfigError,
     from_dict,
+    typed_overrides,
     write_resolved,
 )
+from snakemake.utils import update_config
 
 
 def _config_source():
     """The config files merged into this run's config, for error messages."""
     files = list(dict.fromkeys(str(f) for f in getattr(workflow, "configfiles", [])))
+    if _COMMAND_LINE:
+        files.append("--config")
     return " + ".join(files) if files else "config/config.yaml"
 
+
+# `--config key=value` values typed as in a config file (Snakemake leaves nested ones strings).
+_COMMAND_LINE = workflow.config_settings.overwrite_config or {}
+update_config(config, typed_overrides(_COMMAND_LINE))
 
 try:
     STUDY = from_dict(config, _config_source())
