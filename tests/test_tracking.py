@@ -14,21 +14,40 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def make_run(root, accuracy=0.5, seed=1):
-    run = root / layout.RUN.format(study="st", dataset="ds", method="clip_svd",
-                                   setting="few_shot", shots=2, seed=seed)
+STARTED = 1_700_000_000.0  # the run's work: training start to evaluation end
+
+
+def make_run(root, accuracy=0.5, seed=1, shots=2, method="clip_svd", record=True):
+    """A run folder as adapt and evaluate write it (run.json with the parameters, dataset
+    inputs and timing that evaluate records)."""
+    run = root / layout.RUN.format(study="st", dataset="ds", method=method,
+                                   setting="few_shot", shots=shots, seed=seed)
     run.mkdir(parents=True, exist_ok=True)
-    (run / layout.METRICS).write_text(json.dumps({"accuracy": accuracy, "n_test": 8}))
+    (run / layout.METRICS).write_text(json.dumps({"accuracy": accuracy, "ece": accuracy / 10,
+                                                  "n_test": 8}))
     (run / layout.TRAIN_SUMMARY).write_text(json.dumps({
         "config": {"clip_svd": {"lr": 0.01, "matrices": ["q", "v"]}}, "total_steps": 3,
         "trainable_parameters": 42, "steps_per_second": 5.0}))
     (run / layout.TRAIN_HISTORY).write_text("step,loss,accuracy,lr\n1,2.0,0.25,0.01\n2,1.5,0.5,0.005\n3,1.0,0.75,0.0\n")
+    if record:
+        (run / layout.RUN_RECORD).write_text(json.dumps({
+            "tags": tags(seed, shots, method),
+            "params": {"dataset": "ds", "method": method, "setting": "few_shot",
+                       "shots": str(shots), "seed": str(seed), "model": "tiny-clip",
+                       "lr": "0.01", "matrices": '["q", "v"]', "support_size": str(4 * shots)},
+            "inputs": [{"name": "ds", "context": "test", "source": "results/prepared/ds",
+                        "digest": "0123456789abcdef", "profile": {"test_images": 8}},
+                       {"name": f"ds K={shots} seed={seed}", "context": "training",
+                        "source": "results/splits/ds/few_shot/x.json", "digest": "fedcba9876543210",
+                        "profile": {"support_images": 4 * shots}}],
+            "timing": {"started_at": STARTED + seed, "finished_at": STARTED + seed + 90.5}}))
     return run
 
 
-def tags(seed=1):
-    return {"study": "st", "dataset": "ds", "method": "clip_svd", "setting": "few_shot",
-            "shots": "2", "seed": str(seed), "model": "tiny-clip:random", "config_hash": "abc"}
+def tags(seed=1, shots=2, method="clip_svd"):
+    return {"study": "st", "dataset": "ds", "method": method, "setting": "few_shot",
+            "shots": str(shots), "seed": str(seed), "model": "tiny-clip:random",
+            "config_hash": "abc"}
 
 
 def test_default_uri_is_sqlite_under_results(in_tmp):
@@ -43,8 +62,9 @@ def test_logs_params_history_metrics_artifacts_once(in_tmp):
     assert record["status"] == "logged"
     client = mlflow.MlflowClient(uri)
     logged = client.get_run(record["run_id"])
-    assert logged.data.params["clip_svd.lr"] == "0.01"
-    assert logged.data.params["clip_svd.matrices"] == '["q", "v"]'
+    assert logged.data.params["lr"] == "0.01"  # shared names, no method prefix
+    assert logged.data.params["matrices"] == '["q", "v"]'
+    assert logged.data.params["shots"] == "2" and logged.data.params["dataset"] == "ds"
     assert logged.data.metrics["accuracy"] == 0.5
     assert [m.step for m in client.get_metric_history(record["run_id"], "train/loss")] == [1, 2, 3]
     assert logged.data.tags["mlflow.parentRunId"]
@@ -108,3 +128,60 @@ def test_sync_with_a_dead_server_says_what_to_do(in_tmp, monkeypatch):
     (run / layout.RUN_RECORD).write_text(json.dumps({"tags": tags()}))
     with pytest.raises(tracking.ClipsvdError, match="could not be logged to http://127.0.0.1:9"):
         tracking.sync("st", "http://127.0.0.1:9")
+
+
+def test_run_carries_its_work_times_dataset_inputs_and_experiment_kind(in_tmp):
+    """Start and end are training start and evaluation end from run.json (not the moment of
+    logging); the store and the split file are dataset inputs; the experiment is tagged as
+    model training. Catches: create_run/set_terminated without the recorded times, no
+    log_inputs, an experiment created without the kind tag."""
+    run = make_run(in_tmp)
+    record = tracking.mirror_run(run, tags(), None, True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    logged = client.get_run(record["run_id"])
+    assert logged.info.start_time == int((STARTED + 1) * 1000)
+    assert logged.info.end_time == int((STARTED + 1 + 90.5) * 1000)
+    inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}
+    assert set(inputs) == {"ds", "ds K=2 seed=1"}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+                for name, d in inputs.items()}
+    assert contexts == {"ds": "test", "ds K=2 seed=1": "training"}
+    assert inputs["ds"].dataset.digest == "0123456789abcdef"
+    assert json.loads(inputs["ds"].dataset.source) == {"uri": "results/prepared/ds"}
+    experiment = client.get_experiment_by_name("st")
+    assert experiment.tags[tracking.EXPERIMENT_KIND] == tracking.TRAINING_KIND
+    assert logged.info.run_name == "clip_svd K=2 seed=1 · ds"
+
+
+def test_parent_run_holds_mean_and_std_over_seeds_per_shot_count(in_tmp):
+    """The parent of (dataset, method, setting) carries <metric>_mean/K<k> and _std over its
+    children's seeds, updated as children arrive; a K with one seed has no std. Catches: no
+    parent update, a population instead of a sample std, a std for a single seed."""
+    for seed, accuracy in ((1, 0.5), (2, 0.7)):
+        tracking.mirror_run(make_run(in_tmp, accuracy, seed=seed), tags(seed), None, True)
+    tracking.mirror_run(make_run(in_tmp, 0.4, seed=1, shots=1), tags(1, shots=1), None, True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    experiment = client.get_experiment_by_name("st")
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    metrics = parent.data.metrics
+    assert metrics["accuracy_mean/K2"] == pytest.approx(0.6)
+    assert metrics["accuracy_std/K2"] == pytest.approx(0.1414213562)  # sample std (n - 1)
+    assert metrics["ece_mean/K2"] == pytest.approx(0.06)
+    assert metrics["n_seeds/K2"] == 2
+    assert metrics["accuracy_mean/K1"] == pytest.approx(0.4) and metrics["n_seeds/K1"] == 1
+    assert "accuracy_std/K1" not in metrics
+    assert parent.data.params == {"dataset": "ds", "method": "clip_svd", "setting": "few_shot"}
+    assert parent.info.end_time == int((STARTED + 2 + 90.5) * 1000)  # the last child's end
+    # The experiment's shared views show those aggregates and plot accuracy against shots.
+    views = client.get_experiment(experiment.experiment_id).tags
+    runs_view = json.loads(views[tracking.VIEW_TAG + tracking.RUNS_VIEW])
+    assert {"metrics.`accuracy`", "params.`shots`", "metrics.`accuracy_mean/K1`",
+            "metrics.`accuracy_std/K2`"} <= set(runs_view["selectedColumns"])
+    (chart,) = json.loads(views[tracking.VIEW_TAG + tracking.SHOTS_VIEW])["compareRunCharts"]
+    assert chart["xaxis"] == {"key": "shots", "type": "PARAM"}
+    assert chart["yaxis"] == {"key": "accuracy", "type": "METRIC"}
+    # A superseding result replaces its seed in the aggregate.
+    tracking.mirror_run(make_run(in_tmp, 0.9, seed=2), tags(2), None, True)
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["accuracy_mean/K2"] == pytest.approx(0.7) and metrics["n_seeds/K2"] == 2

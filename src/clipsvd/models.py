@@ -14,6 +14,7 @@ needs the ``transformers`` package but no network.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -246,6 +247,26 @@ def _build_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
         raise
 
 
+@contextlib.contextmanager
+def _expected_random_weights(name: str, expected: bool):
+    """open_clip warns that a model without pretrained weights is random; when random weights
+    were asked for (``pretrained: null``) that is the request, not a warning: log it at DEBUG."""
+    def demote(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "initialized randomly" in record.getMessage():
+            log.debug("open_clip: %s (random weights were requested)", record.getMessage())
+            return False
+        return True
+
+    root = logging.getLogger()
+    if expected:
+        root.addFilter(demote)
+    try:
+        yield
+    finally:
+        if expected:
+            root.removeFilter(demote)
+
+
 def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Build an open_clip model (eval mode) with its tokenizer and preprocessing constants.
@@ -265,9 +286,10 @@ def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
             torch.manual_seed(init_seed)
             # pretrained_text=False: a Hugging Face text tower (BiomedCLIP's BERT) gets its
             # weights from the CLIP checkpoint or stays random, never a separate hub download.
-            model = open_clip.create_model(name, pretrained=pretrained, device=device,
-                                           require_pretrained=require, weights_only=True,
-                                           pretrained_text=False)
+            with _expected_random_weights(name, pretrained is None and not require):
+                model = open_clip.create_model(name, pretrained=pretrained, device=device,
+                                               require_pretrained=require, weights_only=True,
+                                               pretrained_text=False)
     except ModelError:
         raise
     except ImportError as exc:

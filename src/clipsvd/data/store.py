@@ -12,6 +12,7 @@ from ..errors import DataError
 from ..io import read_json
 
 STORE_FILES = ("images.npy", "index.csv", "classes.json", "provenance.json")
+SPLIT_NAMES = ("train", "val", "test")
 _TEXT_COLUMNS = ("sample_id", "source_path", "class_name", "split", "group")
 
 
@@ -64,3 +65,16 @@ class PreparedStore:
                                 "dataset; the split file is stale, run `clipsvd sample` "
                                 "again") from None
         return np.asarray(positions, dtype=np.int64)
+
+
+def split_summary(index: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per split (train, val, test): images, distinct groups (patients, volumes), classes
+    present, and images per class, for a dataset table."""
+    summary = {}
+    for split in SPLIT_NAMES:
+        part = index[index["split"] == split]
+        per_class = part.groupby(["label", "class_name"], sort=True).size()  # in label order
+        summary[split] = {"images": int(len(part)), "groups": int(part["group"].nunique()),
+                          "classes": int(len(per_class)),
+                          "per_class": {str(name): int(n) for (_, name), n in per_class.items()}}
+    return summary
