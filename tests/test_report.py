@@ -347,7 +347,7 @@ def test_report_of_the_default_study_matches_its_run_folders(local_default_study
     overall = comparison[(comparison.scope == "all") & (comparison.method == "zero_shot")]
     assert overall.n_pairs.tolist() == [n_svd]
     html = (study / layout.REPORT_HTML).read_text()
-    assert html.count("src='data:image/png;base64,") >= 3 and "Provenance" in html
+    assert html.count("src='data:image/svg+xml;base64,") >= 3 and "Provenance" in html
 
 
 # --- what a journal needs (issue 19) ---------------------------------------------------------

@@ -154,7 +154,7 @@ def test_run_carries_its_work_times_dataset_inputs_and_experiment_kind(in_tmp):
 
 
 def test_parent_run_holds_mean_and_std_over_seeds_per_shot_count(in_tmp):
-    """The parent of (dataset, method, setting) carries <metric>_mean/K<k> and _std over its
+    """The parent of (dataset, method, setting) carries '<metric> K<k> mean' and 'std' over its
     children's seeds, updated as children arrive; a K with one seed has no std. Catches: no
     parent update, a population instead of a sample std, a std for a single seed."""
     for seed, accuracy in ((1, 0.5), (2, 0.7)):
@@ -165,23 +165,23 @@ def test_parent_run_holds_mean_and_std_over_seeds_per_shot_count(in_tmp):
     (parent,) = [r for r in client.search_runs([experiment.experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
     metrics = parent.data.metrics
-    assert metrics["accuracy_mean/K2"] == pytest.approx(0.6)
-    assert metrics["accuracy_std/K2"] == pytest.approx(0.1414213562)  # sample std (n - 1)
-    assert metrics["ece_mean/K2"] == pytest.approx(0.06)
-    assert metrics["n_seeds/K2"] == 2
-    assert metrics["accuracy_mean/K1"] == pytest.approx(0.4) and metrics["n_seeds/K1"] == 1
-    assert "accuracy_std/K1" not in metrics
+    assert metrics["accuracy K2 mean"] == pytest.approx(0.6)
+    assert metrics["accuracy K2 std"] == pytest.approx(0.1414213562)  # sample std (n - 1)
+    assert metrics["ece K2 mean"] == pytest.approx(0.06)
+    assert metrics["n_seeds K2"] == 2
+    assert metrics["accuracy K1 mean"] == pytest.approx(0.4) and metrics["n_seeds K1"] == 1
+    assert "accuracy K1 std" not in metrics
     assert parent.data.params == {"dataset": "ds", "method": "clip_svd", "setting": "few_shot"}
     assert parent.info.end_time == int((STARTED + 2 + 90.5) * 1000)  # the last child's end
     # The experiment's shared views show those aggregates and plot accuracy against shots.
     views = client.get_experiment(experiment.experiment_id).tags
     runs_view = json.loads(views[tracking.VIEW_TAG + tracking.RUNS_VIEW])
-    assert {"metrics.`accuracy`", "params.`shots`", "metrics.`accuracy_mean/K1`",
-            "metrics.`accuracy_std/K2`"} <= set(runs_view["selectedColumns"])
+    assert {"metrics.`accuracy`", "params.`shots`", "metrics.`accuracy K1 mean`",
+            "metrics.`accuracy K2 std`"} <= set(runs_view["selectedColumns"])
     (chart,) = json.loads(views[tracking.VIEW_TAG + tracking.SHOTS_VIEW])["compareRunCharts"]
     assert chart["xaxis"] == {"key": "shots", "type": "PARAM"}
     assert chart["yaxis"] == {"key": "accuracy", "type": "METRIC"}
     # A superseding result replaces its seed in the aggregate.
     tracking.mirror_run(make_run(in_tmp, 0.9, seed=2), tags(2), None, True)
     metrics = client.get_run(parent.info.run_id).data.metrics
-    assert metrics["accuracy_mean/K2"] == pytest.approx(0.7) and metrics["n_seeds/K2"] == 2
+    assert metrics["accuracy K2 mean"] == pytest.approx(0.7) and metrics["n_seeds K2"] == 2

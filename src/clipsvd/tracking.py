@@ -121,7 +121,8 @@ def _parent_run(client, experiment_id: str, tags: dict[str, str],
 
 def _update_parent(client, experiment_id: str, parent_id: str) -> None:
     """The parent's mean and sample std over seeds of the headline metrics per shot count
-    (``<metric>_mean/K<k>``, ``<metric>_std/K<k>``, ``n_seeds/K<k>``), from its current
+    (``<metric> K<k> mean``, ``<metric> K<k> std``, ``n_seeds K<k>``: names that sort next to
+    the children's ``<metric>`` columns and show K when the UI cuts them), from its current
     children; no std with a single seed. Only values that changed are logged."""
     from mlflow.entities import Metric
 
@@ -134,14 +135,14 @@ def _update_parent(client, experiment_id: str, parent_id: str) -> None:
         by_shots.setdefault(int(child.data.tags["shots"]), []).append(child)
     values: dict[str, float] = {}
     for shots, runs in sorted(by_shots.items()):
-        values[f"n_seeds/K{shots}"] = float(len(runs))
+        values[f"n_seeds K{shots}"] = float(len(runs))
         for name in HEADLINE_METRICS:
             found = [r.data.metrics[name] for r in runs if name in r.data.metrics]
             if not found:
                 continue
-            values[f"{name}_mean/K{shots}"] = statistics.fmean(found)
+            values[f"{name} K{shots} mean"] = statistics.fmean(found)
             if len(found) > 1:
-                values[f"{name}_std/K{shots}"] = statistics.stdev(found)
+                values[f"{name} K{shots} std"] = statistics.stdev(found)
     parent = client.get_run(parent_id)
     now = int(time.time() * 1000)
     changed = [Metric(k, v, now, 0) for k, v in sorted(values.items())
@@ -161,8 +162,8 @@ def _shared_views(shots: list[int]) -> dict[str, dict[str, Any]]:
     metrics = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
     columns = ([f"params.`{k}`" for k in ("method", "shots", "seed", "model")]
                + [f"metrics.`{m}`" for m in metrics]
-               + [f"metrics.`{name}/K{k}`" for k in shots
-                  for name in ("accuracy_mean", "accuracy_std", "n_seeds")])
+               + [f"metrics.`accuracy K{k} {stat}`" for k in shots for stat in ("mean", "std")]
+               + [f"metrics.`n_seeds K{k}`" for k in shots])
     section = {"uuid": "clipsvd-accuracy-vs-shots", "name": "Accuracy against shots",
                "display": True, "isReordered": False, "deleted": False, "isGenerated": False}
     chart = {"uuid": "clipsvd-accuracy-vs-shots-chart", "type": "SCATTER",
@@ -186,8 +187,8 @@ def _update_views(client, experiment_id: str) -> None:
     """Write the shared views as experiment tags (again only when the shot counts changed)."""
     parents = client.search_runs([experiment_id], max_results=50000,
                                  filter_string=f"tags.`{GROUP_KEY}` != ''")
-    shots = sorted({int(key.rsplit("/K", 1)[1]) for run in parents for key in run.data.metrics
-                    if key.startswith("n_seeds/K")})
+    shots = sorted({int(key.removeprefix("n_seeds K")) for run in parents
+                    for key in run.data.metrics if key.startswith("n_seeds K")})
     tags = client.get_experiment(experiment_id).tags
     for key, view in _shared_views(shots).items():
         value = json.dumps(view, sort_keys=True)
