@@ -1,10 +1,13 @@
 """MLflow mirrors run folders: idempotent, superseding, and never failing a job."""
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from clipsvd import layout, tracking
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -185,3 +188,36 @@ def test_parent_run_holds_mean_and_std_over_seeds_per_shot_count(in_tmp):
     tracking.mirror_run(make_run(in_tmp, 0.9, seed=2), tags(2), None, True)
     metrics = client.get_run(parent.info.run_id).data.metrics
     assert metrics["accuracy K2 mean"] == pytest.approx(0.7) and metrics["n_seeds K2"] == 2
+
+
+def test_run_params_share_names_across_methods():
+    """evaluate.run_params: the same identifying keys for every method, the adapter's settings
+    without a method prefix, the probe's chosen C, zero-shot's seed 'none'. Catches: params only
+    for adapter methods (as before), a per-method prefix, a placeholder seed 0 for zero-shot."""
+    from dataclasses import asdict
+
+    from clipsvd import config, evaluate
+
+    cfg = config.load(ROOT / "config" / "config.yaml")
+    split = {"setting": "few_shot", "shots": 2, "seed": 1, "train": ["a"] * 8, "val": ["b"] * 4,
+             "test": ["c"] * 10, "classes": ["w", "x", "y", "z"]}
+    keys = {"dataset", "method", "setting", "shots", "seed", "model", "pretrained", "templates",
+            "logit_scale", "support_size", "val_size", "test_size", "classes"}
+    for method in config.METHODS:
+        summary = ({"config": {method: asdict(cfg.training(method, "demo_scans"))},
+                    "total_steps": 80, "trainable_parameters": 10, "trainable_fraction": 0.1}
+                   if method in config.ADAPTER_METHODS else {})
+        chosen = {"C": 0.1, "c_grid": [0.1, 1.0], "max_iter": 100} if method == "linear_probe" else {}
+        one = {**split, "shots": 0, "seed": 0} if method == "zero_shot" else split
+        params = evaluate.run_params(cfg, "demo_scans", method, one, summary, chosen)
+        assert keys <= set(params), method
+        assert all(isinstance(v, str) for v in params.values())
+        assert params["support_size"] == "8" and params["test_size"] == "10"
+        if method == "zero_shot":
+            assert params["seed"] == "none" and params["shots"] == "0"
+        if method in config.ADAPTER_METHODS:
+            assert {"lr", "epochs", "batch_size", "matrices", "total_steps"} <= set(params)
+            assert params["lr"] == str(cfg.training(method, "demo_scans").lr)
+        if method == "linear_probe":
+            assert params["C"] == "0.1" and params["c_grid"] == "[0.1, 1.0]"
+        assert not [k for k in params if "." in k]
