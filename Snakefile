@@ -10,6 +10,10 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
+# The home page of `snakemake --report` (give it the study's --configfile too).
+report: "workflow/report/workflow.rst"
+
+
 # The default study, unless config files are given with --configfile: a study file then stands
 # alone and no demo setting leaks into it.
 if not workflow.overwrite_configfiles:

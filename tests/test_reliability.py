@@ -427,7 +427,7 @@ def test_clone_and_study_paths_with_spaces_and_non_ascii(tmp_path):
 
 METHODS = ("clip_svd", "clip_lora", "comp_lora", "linear_probe")
 TIMING = {"train_seconds", "steps_per_second", "data_seconds", "loader_fraction",
-          "eval_seconds", "peak_memory_mb"}  # measured, not computed
+          "eval_seconds", "peak_memory_mb", "started_at", "finished_at"}  # measured, not computed
 
 
 def _study_once(toy: Path, out: Path) -> dict[str, Path]:

@@ -30,9 +30,14 @@ def fake_run(root, method, shots, seed, accuracy, setting="few_shot", dataset="d
     correct = round(10 * accuracy)
     cm = [[min(correct, 5), 5 - min(correct, 5)], [5 - (correct - min(correct, 5)),
                                                    correct - min(correct, 5)]]
+    per_class = {}
+    for i, name in enumerate(CLASSES):
+        predicted = cm[0][i] + cm[1][i]
+        per_class[name] = {"precision": cm[i][i] / predicted if predicted else 0.0,
+                           "recall": cm[i][i] / 5, "support": 5}
     metrics = {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": accuracy,
                "macro_auroc": 0.9, "ece": 0.1, "n_test": 10, "confusion_matrix": cm,
-               "class_names": CLASSES, "per_class": {}, **extra}
+               "class_names": CLASSES, "per_class": per_class, **extra}
     if setting == "base_to_novel":
         for group in ("base", "novel"):
             metrics[f"{group}_confusion_matrix"] = cm
@@ -49,6 +54,8 @@ def fake_run(root, method, shots, seed, accuracy, setting="few_shot", dataset="d
         run / layout.PREDICTIONS, index=False)
     (run / layout.RUN_RECORD).write_text(json.dumps({
         "tags": {"model": "tiny-clip:random"},
+        "inputs": [{"name": dataset, "context": "test", "source": str(root / "stores" / dataset),
+                    "digest": "0", "profile": {}}],
         "provenance": {"git_commit": "abc123", "git_dirty": False, "config_hash": "cafe01",
                        "device": "cpu", "packages": {"torch": "2.4.0", "numpy": "2.0.0"}}}))
     return run
@@ -167,11 +174,11 @@ def test_markdown_and_latex_tables(tmp_path):
                               "few_shot")
     markdown = table.markdown()
     assert "| Dataset | Method | K=0 | K=1 | K=2 |" in markdown
-    assert "| a | Zero-shot | 30.00 ± 0.00 | – | – |" in markdown
+    assert "| a | Zero-shot | 30.00 (n = 1 seed) | – | – |" in markdown  # no "± 0.00"
     assert "| a | CLIP-SVD | – | **53.33 ± 5.77** | **63.33 ± 5.77** |" in markdown
     latex = table.latex()
     for piece in ("\\begin{tabular}{llrrr}", "\\toprule", "\\midrule", "\\bottomrule",
-                  "\\textbf{53.33 $\\pm$ 5.77}", "Zero-shot & 30.00 $\\pm$ 0.00 & -- & --"):
+                  "\\textbf{53.33 $\\pm$ 5.77}", "Zero-shot & 30.00 (n = 1 seed) & -- & --"):
         assert piece in latex
     assert latex_escape("demo_scans 50% & #1") == "demo\\_scans 50\\% \\& \\#1"
     small = Table("cap", ["Dataset", "n"], [["x_y", "1"]], text_columns=1).latex()
@@ -204,15 +211,22 @@ def test_report_folder_of_a_study(report_dir):
     expected = [layout.REPORT_TABLE, layout.REPORT_TABLE_MD, layout.REPORT_PLOT,
                 layout.REPORT_RUNS, layout.REPORT_SUMMARY, layout.REPORT_SUMMARY_AVERAGE,
                 layout.REPORT_PROVENANCE, layout.REPORT_HTML]
+    expected += [layout.REPORT_PLOT_VECTOR, layout.REPORT_BOOTSTRAP]
     for setting in ("few_shot", "base_to_novel"):
         expected += [layout.REPORT_SETTING_TABLE.format(setting=setting, ext=e)
                      for e in ("csv", "md", "tex")]
         expected += [layout.REPORT_METRICS_TABLE.format(setting=setting, ext=e)
                      for e in ("md", "tex")]
-        expected.append(layout.REPORT_RELIABILITY.format(setting=setting))
-    expected += [layout.REPORT_COMPARISON.format(ext=e) for e in ("csv", "md", "tex")]
-    expected += [layout.REPORT_CONFUSION.format(dataset=d, setting="few_shot") for d in "ab"]
-    expected.append(layout.REPORT_CONFUSION.format(dataset="a", setting="base_to_novel"))
+        expected += [layout.REPORT_RELIABILITY.format(setting=setting, ext=e)
+                     for e in layout.FIGURE_FORMATS]
+    for pattern in (layout.REPORT_COMPARISON, layout.REPORT_DATASETS, layout.REPORT_PER_CLASS):
+        expected += [pattern.format(ext=e) for e in ("csv", "md", "tex")]
+    expected += [layout.REPORT_CONFUSION.format(dataset=d, setting="few_shot", method=m, ext=e)
+                 for d in "ab" for m in ("zero_shot", "linear_probe", "clip_svd")
+                 for e in layout.FIGURE_FORMATS]
+    expected += [layout.REPORT_CONFUSION.format(dataset="a", setting="base_to_novel", method=m,
+                                                ext=e)
+                 for m in ("zero_shot", "clip_svd") for e in layout.FIGURE_FORMATS]
     missing = [name for name in expected if not (report_dir / name).is_file()]
     assert not missing
     few = pd.read_csv(report_dir / "few_shot.csv")
@@ -226,7 +240,7 @@ def test_report_folder_of_a_study(report_dir):
     assert provenance["git_commits"] == ["abc123"] and provenance["config_hashes"] == ["cafe01"]
     html = (report_dir / layout.REPORT_HTML).read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html
-    assert html.count("<img ") == html.count("src='data:image/png;base64,")
+    assert html.count("<img ") == html.count("src='data:image/svg+xml;base64,")  # vector
 
 
 @pytest.fixture(scope="session")
@@ -253,8 +267,8 @@ def test_html_report_renders_in_chromium(report_dir, chromium, tmp_path):
     html = dom.stdout
     assert 'data-done="1"' in html
     images = re.findall(r"<img [^>]*>", html)
-    assert len(images) == 6  # accuracy, 2 reliability, 3 confusion
-    assert all('src="data:image/png;base64,' in img for img in images)
+    assert len(images) == 11  # accuracy, 2 reliability, 8 confusion (one per method)
+    assert all('src="data:image/svg+xml;base64,' in img for img in images)
     assert all('data-loaded="true"' in img for img in images), "a broken image"
     assert html.count("<table") >= 8
     assert "Paired comparison of CLIP-SVD" in html and "Provenance" in html
@@ -296,4 +310,224 @@ def test_report_of_the_default_study_matches_its_run_folders(local_default_study
     overall = comparison[(comparison.scope == "all") & (comparison.method == "zero_shot")]
     assert overall.n_pairs.tolist() == [n_svd]
     html = (study / layout.REPORT_HTML).read_text()
-    assert html.count("src='data:image/png;base64,") >= 3 and "Provenance" in html
+    assert html.count("src='data:image/svg+xml;base64,") >= 3 and "Provenance" in html
+
+
+# --- what a journal needs (issue 19) ---------------------------------------------------------
+
+def test_figures_are_svg_and_300_dpi_png(report_dir):
+    """Every report figure exists as SVG (vector) and as PNG at 300 dpi. Catches: a PNG-only
+    figure, the old 110 dpi."""
+    from PIL import Image
+
+    pngs = sorted(report_dir.glob("*.png"))
+    assert len(pngs) == 11
+    for png in pngs:
+        svg = png.with_suffix(".svg")
+        assert svg.read_text(encoding="utf-8").lstrip().startswith("<?xml"), svg
+        assert "<svg" in svg.read_text(encoding="utf-8")
+        dpi = Image.open(png).info["dpi"]
+        assert dpi == pytest.approx((300, 300), abs=0.5), png
+
+
+def test_figures_are_byte_identical_when_rebuilt(tmp_path, report_dir):
+    """The same runs give the same figure bytes (no dates, fixed SVG ids). Catches: a missing
+    svg.hashsalt or date metadata."""
+    root = tmp_path / "again"
+    root.mkdir()
+    out = root / "report"
+    build_report(study_runs(root), out)
+    for name in ("accuracy_vs_shots.svg", "accuracy_vs_shots.png", "reliability_few_shot.svg"):
+        assert (out / name).read_bytes() == (report_dir / name).read_bytes(), name
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_legends_sit_outside_the_data(tmp_path):
+    """No legend box overlaps any panel of the accuracy and reliability figures. Catches: a
+    legend placed inside the axes (loc='best', 'upper left'), as before."""
+    from clipsvd.report import figures
+
+    runs = collect_runs(study_runs(tmp_path))
+    accuracy = summarise(runs)
+    built = [figures.accuracy_vs_shots_figure(accuracy, average_over_datasets(runs)),
+             figures.reliability_figure(runs, best_shots(accuracy), "few_shot")]
+    for fig in built:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        legends = list(fig.legends) + [ax.get_legend() for ax in axes if ax.get_legend()]
+        assert legends
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(_overlaps(box, ax.get_window_extent(renderer)) for ax in axes)
+
+
+def test_one_readable_confusion_matrix_per_method(report_dir):
+    """A figure per (dataset, setting, method): one matrix (base-to-novel: base and novel), at
+    least ~0.6 inch per cell. Catches: the old one-figure-for-all-methods layout."""
+    from PIL import Image
+
+    few = sorted(report_dir.glob("confusion_a_few_shot_*.png"))
+    assert [p.stem.removeprefix("confusion_a_few_shot_") for p in few] == [
+        "clip_svd", "linear_probe", "zero_shot"]
+    single = Image.open(few[0]).size
+    b2n = Image.open(report_dir / "confusion_a_base_to_novel_clip_svd.png").size
+    assert b2n[0] > 1.6 * single[0]  # base and novel side by side
+    assert single[0] / 300 <= 5.5  # one 2-class matrix fits a column (inches at 300 dpi)
+
+
+def test_configuration_lists_no_placeholder_shots_or_seeds(tmp_path):
+    """Zero-shot's K = 0 and seed 0 name its single run: they are not study shots or seeds.
+    Catches: shots and seeds collected over every run (the old '0, 1, 2, 3')."""
+    from clipsvd.report import _config_facts
+
+    facts = dict(_config_facts(collect_runs(study_runs(tmp_path))))
+    assert facts["seeds"] == "1, 2, 3"
+    assert facts["shots per class (K)"] == "1, 2"
+    assert "K = 0" in facts["zero-shot"]
+
+
+def test_html_configuration_table_has_no_placeholder_seeds(report_dir):
+    html = (report_dir / layout.REPORT_HTML).read_text()
+    config = html[html.index("id='config'"):html.index("id='datasets'")]
+    assert "<td>seeds</td><td>1, 2, 3</td>" in config
+    assert "<td>shots per class (K)</td><td>1, 2</td>" in config
+
+
+def test_single_runs_say_n_1_seed_and_few_seeds_get_test_set_intervals(tmp_path):
+    """A cell of one run shows no '± 0.00' but '(n = 1 seed)' and its test-set bootstrap
+    interval; cells with fewer than 3 seeds get the interval too. Catches: pm without n_seeds,
+    intervals not passed to the table."""
+    dirs = [fake_run(tmp_path, "zero_shot", 0, 0, 0.3), fake_run(tmp_path, "clip_svd", 1, 1, 0.6),
+            fake_run(tmp_path, "clip_svd", 1, 2, 0.8)]
+    out = tmp_path / "report"
+    build_report(dirs, out)
+    markdown = (out / "few_shot.md").read_text()
+    assert "± 0.00" not in markdown
+    row = next(line for line in markdown.splitlines() if "Zero-shot" in line)
+    assert re.search(r"30\.00 \[\d+\.\d, \d+\.\d\] \(n = 1 seed\)", row), row
+    row = next(line for line in markdown.splitlines() if "CLIP-SVD" in line)
+    assert re.search(r"70\.00 ± 14\.14 \[\d+\.\d, \d+\.\d\]", row), row
+    assert "bootstrap of the test images" in markdown
+
+
+def test_test_set_bootstrap_and_significance_marks(tmp_path):
+    """Paired test-set bootstrap: CLIP-SVD at 90% against a probe at 10% on the same 10 images
+    differs (interval excludes 0, † in the table); 60% against 50% (one image apart) does not.
+    Intervals contain the mean, a perfect run's interval is [1, 1], and the result repeats.
+    Catches: unpaired resampling, marks not drawn, a mark on the wrong cell."""
+    from clipsvd.report.bootstrap import test_set_bootstrap
+
+    dirs = []
+    for seed in (1, 2, 3):
+        dirs += [fake_run(tmp_path, "clip_svd", 1, seed, 0.9),
+                 fake_run(tmp_path, "linear_probe", 1, seed, 0.1),
+                 fake_run(tmp_path, "clip_svd", 2, seed, 0.6),
+                 fake_run(tmp_path, "linear_probe", 2, seed, 0.5)]
+    dirs.append(fake_run(tmp_path, "zero_shot", 0, 0, 1.0))
+    runs = collect_runs(dirs)
+    table = test_set_bootstrap(runs)
+    assert table.equals(test_set_bootstrap(runs))
+    probe = table[table.method == "linear_probe"].set_index("shots")
+    assert bool(probe.loc[1, "significant"]) and not bool(probe.loc[2, "significant"])
+    assert probe.loc[1, "difference"] == pytest.approx(0.8)
+    assert probe.loc[1, "difference_ci_low"] > 0
+    assert probe.loc[2, "difference_ci_low"] <= 0 < probe.loc[2, "difference_ci_high"]
+    assert (table.ci_low <= table["mean"]).all() and (table["mean"] <= table.ci_high).all()
+    zero = table[table.method == "zero_shot"]
+    assert (zero.ci_low == 1.0).all() and (zero.ci_high == 1.0).all()
+    assert sorted(zero.reference_shots) == [1, 2]  # zero-shot against every CLIP-SVD K
+    shown = accuracy_by_shots(with_average(runs, "few_shot"), "few_shot", table).markdown()
+    lines = {line.split("|")[2].strip(): line for line in shown.splitlines()
+             if line.startswith("| ds")}
+    assert "10.00 ± 0.00†" in lines["Linear probe"] and "50.00 ± 0.00 |" in lines["Linear probe"]
+    assert "†" not in lines["CLIP-SVD"] and "†" not in lines["Zero-shot"]
+
+
+def _store(path: Path, with_splits: bool) -> None:
+    """A minimal prepared store: 6 images, 2 classes, groups (patients) per split."""
+    path.mkdir(parents=True)
+    index = pd.DataFrame({"sample_id": [f"s{i}" for i in range(6)],
+                          "source_path": [f"x{i}.png" for i in range(6)],
+                          "label": [0, 1, 0, 1, 0, 1],
+                          "class_name": ["cyst", "tumor"] * 3,
+                          "split": ["train", "train", "train", "train", "val", "test"],
+                          "group": ["p1", "p1", "p2", "p3", "p4", "p5"]})
+    index.to_csv(path / "index.csv", index=False)
+    np.save(path / "images.npy", np.zeros((6, 3, 4, 4), dtype=np.uint8))
+    (path / "classes.json").write_text(json.dumps({"classes": CLASSES}))
+    provenance = {"dataset": path.name}
+    if with_splits:
+        from clipsvd.data.store import split_summary
+
+        provenance["splits"] = split_summary(index)
+        provenance["splits"]["train"]["groups"] = 99  # tells which source the table used
+    (path / "provenance.json").write_text(json.dumps(provenance))
+
+
+@pytest.mark.parametrize("with_splits", [True, False])
+def test_dataset_table_per_split_and_test_n(tmp_path, with_splits):
+    """Images, groups and classes per split from the store's provenance 'splits' (or, for an
+    older store, its index.csv), and the evaluated test images per setting. Catches: a table
+    missing splits, groups or the evaluated n; ignoring provenance['splits']."""
+    _store(tmp_path / "stores" / "ds", with_splits)
+    out = tmp_path / "report"
+    build_report([fake_run(tmp_path, "zero_shot", 0, 0, 0.3),
+                  fake_run(tmp_path, "clip_svd", 1, 1, 0.6)], out)
+    table = pd.read_csv(out / "datasets.csv")
+    totals = table[table.class_name == "(all)"].set_index("split")
+    assert totals.loc["train", "images"] == 4 and totals.loc["val", "images"] == 1
+    assert totals.loc["train", "groups"] == (99 if with_splits else 3)
+    assert totals.loc["test", "classes"] == 1
+    assert totals.loc["evaluated: few_shot", "images"] == 10  # the runs' n_test
+    per_class = table[(table.split == "train") & (table.class_name != "(all)")]
+    assert dict(zip(per_class.class_name, per_class.images)) == {"cyst": 2, "tumor": 2}
+    markdown = (out / "datasets.md").read_text()
+    assert "| ds | train | 4 |" in markdown and "| ds | evaluated: few_shot | 10 |" in markdown
+    assert "id='datasets'" in (out / layout.REPORT_HTML).read_text()
+
+
+def test_per_class_metrics(report_dir):
+    """per_class.csv: precision, recall and F1 per class from metrics.json, over seeds; the
+    Markdown table shows each method at its best K. Catches: per-class values only in
+    metrics.json (as before), F1 taken as the mean of P and R."""
+    table = pd.read_csv(report_dir / "per_class.csv")
+    row = table[(table.dataset == "a") & (table.method == "clip_svd") & (table.shots == 2)
+                & (table.class_name == "tumor") & (table.setting == "few_shot")].iloc[0]
+    # Seeds 1, 2 at 0.6 and seed 3 at 0.7 on 10 images (fake_run's confusion matrices).
+    recalls = [0.2, 0.2, 0.4]
+    precisions = [1.0, 1.0, 1.0]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precisions, recalls)]
+    assert row.recall_mean == pytest.approx(np.mean(recalls), abs=1e-6)  # CSV: 6 decimals
+    assert row.recall_std == pytest.approx(np.std(recalls, ddof=1), abs=1e-6)
+    assert row.f1_mean == pytest.approx(np.mean(f1), abs=1e-6) and row.support == 5
+    markdown = (report_dir / "per_class.md").read_text()
+    assert "| a | CLIP-SVD | 2 | tumor | 5 |" in markdown
+    assert "| a | CLIP-SVD | 1 | tumor |" not in markdown  # only the best K
+
+
+def test_report_sections_in_chromium(report_dir, chromium, tmp_path):
+    """A screenshot of every section of the HTML page (test-artifacts/report_<section>.png),
+    each section present and non-empty."""
+    from browser import WebDriver, find_chromedriver
+
+    driver_path = find_chromedriver()
+    if driver_path is None:
+        pytest.skip("chromedriver is not installed (apt-get install -y chromium-driver)")
+    sections = ["config", "datasets", "tables", "statistics", "figures", "provenance"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with WebDriver(chromium, driver_path, tmp_path / "profile", 1400, 1000) as page:
+        page.get((report_dir / layout.REPORT_HTML).as_uri())
+        assert page.wait_for("return document.readyState === 'complete'")
+        for section in sections:
+            height = page.script(
+                "const h = document.getElementById(arguments[0]); h.scrollIntoView();"
+                "let n = h.nextElementSibling, size = 0;"
+                "while (n && n.tagName !== 'H2') { size += n.offsetHeight; n = n.nextElementSibling; }"
+                "return size;", section)
+            assert height > 20, section
+            page.screenshot(ARTIFACTS / f"report_{section}.png")
+            assert (ARTIFACTS / f"report_{section}.png").read_bytes()[:4] == b"\x89PNG"

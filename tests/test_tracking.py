@@ -1,10 +1,13 @@
 """MLflow mirrors run folders: idempotent, superseding, and never failing a job."""
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from clipsvd import layout, tracking
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -14,21 +17,40 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def make_run(root, accuracy=0.5, seed=1):
-    run = root / layout.RUN.format(study="st", dataset="ds", method="clip_svd",
-                                   setting="few_shot", shots=2, seed=seed)
+STARTED = 1_700_000_000.0  # the run's work: training start to evaluation end
+
+
+def make_run(root, accuracy=0.5, seed=1, shots=2, method="clip_svd", record=True):
+    """A run folder as adapt and evaluate write it (run.json with the parameters, dataset
+    inputs and timing that evaluate records)."""
+    run = root / layout.RUN.format(study="st", dataset="ds", method=method,
+                                   setting="few_shot", shots=shots, seed=seed)
     run.mkdir(parents=True, exist_ok=True)
-    (run / layout.METRICS).write_text(json.dumps({"accuracy": accuracy, "n_test": 8}))
+    (run / layout.METRICS).write_text(json.dumps({"accuracy": accuracy, "ece": accuracy / 10,
+                                                  "n_test": 8}))
     (run / layout.TRAIN_SUMMARY).write_text(json.dumps({
         "config": {"clip_svd": {"lr": 0.01, "matrices": ["q", "v"]}}, "total_steps": 3,
         "trainable_parameters": 42, "steps_per_second": 5.0}))
     (run / layout.TRAIN_HISTORY).write_text("step,loss,accuracy,lr\n1,2.0,0.25,0.01\n2,1.5,0.5,0.005\n3,1.0,0.75,0.0\n")
+    if record:
+        (run / layout.RUN_RECORD).write_text(json.dumps({
+            "tags": tags(seed, shots, method),
+            "params": {"dataset": "ds", "method": method, "setting": "few_shot",
+                       "shots": str(shots), "seed": str(seed), "model": "tiny-clip",
+                       "lr": "0.01", "matrices": '["q", "v"]', "support_size": str(4 * shots)},
+            "inputs": [{"name": "ds", "context": "test", "source": "results/prepared/ds",
+                        "digest": "0123456789abcdef", "profile": {"test_images": 8}},
+                       {"name": f"ds K={shots} seed={seed}", "context": "training",
+                        "source": "results/splits/ds/few_shot/x.json", "digest": "fedcba9876543210",
+                        "profile": {"support_images": 4 * shots}}],
+            "timing": {"started_at": STARTED + seed, "finished_at": STARTED + seed + 90.5}}))
     return run
 
 
-def tags(seed=1):
-    return {"study": "st", "dataset": "ds", "method": "clip_svd", "setting": "few_shot",
-            "shots": "2", "seed": str(seed), "model": "tiny-clip:random", "config_hash": "abc"}
+def tags(seed=1, shots=2, method="clip_svd"):
+    return {"study": "st", "dataset": "ds", "method": method, "setting": "few_shot",
+            "shots": str(shots), "seed": str(seed), "model": "tiny-clip:random",
+            "config_hash": "abc"}
 
 
 def test_default_uri_is_sqlite_under_results(in_tmp):
@@ -43,8 +65,9 @@ def test_logs_params_history_metrics_artifacts_once(in_tmp):
     assert record["status"] == "logged"
     client = mlflow.MlflowClient(uri)
     logged = client.get_run(record["run_id"])
-    assert logged.data.params["clip_svd.lr"] == "0.01"
-    assert logged.data.params["clip_svd.matrices"] == '["q", "v"]'
+    assert logged.data.params["lr"] == "0.01"  # shared names, no method prefix
+    assert logged.data.params["matrices"] == '["q", "v"]'
+    assert logged.data.params["shots"] == "2" and logged.data.params["dataset"] == "ds"
     assert logged.data.metrics["accuracy"] == 0.5
     assert [m.step for m in client.get_metric_history(record["run_id"], "train/loss")] == [1, 2, 3]
     assert logged.data.tags["mlflow.parentRunId"]
@@ -139,3 +162,93 @@ def test_sync_with_a_dead_server_says_what_to_do(in_tmp, monkeypatch):
     (run / layout.RUN_RECORD).write_text(json.dumps({"tags": tags()}))
     with pytest.raises(tracking.ClipsvdError, match="could not be logged to http://127.0.0.1:9"):
         tracking.sync("st", "http://127.0.0.1:9")
+
+
+def test_run_carries_its_work_times_dataset_inputs_and_experiment_kind(in_tmp):
+    """Start and end are training start and evaluation end from run.json (not the moment of
+    logging); the store and the split file are dataset inputs; the experiment is tagged as
+    model training. Catches: create_run/set_terminated without the recorded times, no
+    log_inputs, an experiment created without the kind tag."""
+    run = make_run(in_tmp)
+    record = tracking.mirror_run(run, tags(), None, True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    logged = client.get_run(record["run_id"])
+    assert logged.info.start_time == int((STARTED + 1) * 1000)
+    assert logged.info.end_time == int((STARTED + 1 + 90.5) * 1000)
+    inputs = {d.dataset.name: d for d in logged.inputs.dataset_inputs}
+    assert set(inputs) == {"ds", "ds K=2 seed=1"}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+                for name, d in inputs.items()}
+    assert contexts == {"ds": "test", "ds K=2 seed=1": "training"}
+    assert inputs["ds"].dataset.digest == "0123456789abcdef"
+    assert json.loads(inputs["ds"].dataset.source) == {"uri": "results/prepared/ds"}
+    experiment = client.get_experiment_by_name("st")
+    assert experiment.tags[tracking.EXPERIMENT_KIND] == tracking.TRAINING_KIND
+    assert logged.info.run_name == "clip_svd K=2 seed=1 · ds"
+
+
+def test_parent_run_holds_mean_and_std_over_seeds_per_shot_count(in_tmp):
+    """The parent of (dataset, method, setting) carries '<metric> K<k> mean' and 'std' over its
+    children's seeds, updated as children arrive; a K with one seed has no std. Catches: no
+    parent update, a population instead of a sample std, a std for a single seed."""
+    for seed, accuracy in ((1, 0.5), (2, 0.7)):
+        tracking.mirror_run(make_run(in_tmp, accuracy, seed=seed), tags(seed), None, True)
+    tracking.mirror_run(make_run(in_tmp, 0.4, seed=1, shots=1), tags(1, shots=1), None, True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    experiment = client.get_experiment_by_name("st")
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    metrics = parent.data.metrics
+    assert metrics["accuracy K2 mean"] == pytest.approx(0.6)
+    assert metrics["accuracy K2 std"] == pytest.approx(0.1414213562)  # sample std (n - 1)
+    assert metrics["ece K2 mean"] == pytest.approx(0.06)
+    assert metrics["n_seeds K2"] == 2
+    assert metrics["accuracy K1 mean"] == pytest.approx(0.4) and metrics["n_seeds K1"] == 1
+    assert "accuracy K1 std" not in metrics
+    assert parent.data.params == {"dataset": "ds", "method": "clip_svd", "setting": "few_shot"}
+    assert parent.info.end_time == int((STARTED + 2 + 90.5) * 1000)  # the last child's end
+    # The experiment's shared views show those aggregates and plot accuracy against shots.
+    views = client.get_experiment(experiment.experiment_id).tags
+    runs_view = json.loads(views[tracking.VIEW_TAG + tracking.RUNS_VIEW])
+    assert {"metrics.`accuracy`", "params.`shots`", "metrics.`accuracy K1 mean`",
+            "metrics.`accuracy K2 std`"} <= set(runs_view["selectedColumns"])
+    (chart,) = json.loads(views[tracking.VIEW_TAG + tracking.SHOTS_VIEW])["compareRunCharts"]
+    assert chart["xaxis"] == {"key": "shots", "type": "PARAM"}
+    assert chart["yaxis"] == {"key": "accuracy", "type": "METRIC"}
+    # A superseding result replaces its seed in the aggregate.
+    tracking.mirror_run(make_run(in_tmp, 0.9, seed=2), tags(2), None, True)
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["accuracy K2 mean"] == pytest.approx(0.7) and metrics["n_seeds K2"] == 2
+
+
+def test_run_params_share_names_across_methods():
+    """evaluate.run_params: the same identifying keys for every method, the adapter's settings
+    without a method prefix, the probe's chosen C, zero-shot's seed 'none'. Catches: params only
+    for adapter methods (as before), a per-method prefix, a placeholder seed 0 for zero-shot."""
+    from dataclasses import asdict
+
+    from clipsvd import config, evaluate
+
+    cfg = config.load(ROOT / "config" / "config.yaml")
+    split = {"setting": "few_shot", "shots": 2, "seed": 1, "train": ["a"] * 8, "val": ["b"] * 4,
+             "test": ["c"] * 10, "classes": ["w", "x", "y", "z"]}
+    keys = {"dataset", "method", "setting", "shots", "seed", "model", "pretrained", "templates",
+            "logit_scale", "support_size", "val_size", "test_size", "classes"}
+    for method in config.METHODS:
+        summary = ({"config": {method: asdict(cfg.training(method, "demo_scans"))},
+                    "total_steps": 80, "trainable_parameters": 10, "trainable_fraction": 0.1}
+                   if method in config.ADAPTER_METHODS else {})
+        chosen = {"C": 0.1, "c_grid": [0.1, 1.0], "max_iter": 100} if method == "linear_probe" else {}
+        one = {**split, "shots": 0, "seed": 0} if method == "zero_shot" else split
+        params = evaluate.run_params(cfg, "demo_scans", method, one, summary, chosen)
+        assert keys <= set(params), method
+        assert all(isinstance(v, str) for v in params.values())
+        assert params["support_size"] == "8" and params["test_size"] == "10"
+        if method == "zero_shot":
+            assert params["seed"] == "none" and params["shots"] == "0"
+        if method in config.ADAPTER_METHODS:
+            assert {"lr", "epochs", "batch_size", "matrices", "total_steps"} <= set(params)
+            assert params["lr"] == str(cfg.training(method, "demo_scans").lr)
+        if method == "linear_probe":
+            assert params["C"] == "0.1" and params["c_grid"] == "[0.1, 1.0]"
+        assert not [k for k in params if "." in k]

@@ -6,28 +6,54 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .config import ADAPTER_METHODS, METHODS
+from .config import ADAPTER_METHODS, METHODS, DemoConfig
 from .errors import ClipsvdError
 
 log = logging.getLogger("clipsvd")
 
 
+class _OwnMessagesOnly(logging.Filter):
+    """The console shows clipsvd's messages and other libraries' warnings and errors; the
+    chatter of libraries at INFO and below (open_clip's `Parsing model identifier…`, MLflow's
+    database set-up) goes to the log file only, marked DEBUG."""
+
+    def __init__(self, console: bool):
+        super().__init__()
+        self.console = console
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name == "clipsvd" or record.name.startswith("clipsvd.")
+        if own or record.levelno >= logging.WARNING:
+            return True
+        if self.console:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def _setup_logging(log_file: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
+    console.addFilter(_OwnMessagesOnly(console=True))
+    handlers: list[logging.Handler] = [console]
     if log_file:
         try:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+            to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
         except OSError as exc:
             from .errors import OutputError
 
             raise OutputError(f"{log_file}: cannot write the log file ({exc.strerror}); make "
                               "its folder writable or give another --log", exc.errno) from None
+        to_file.addFilter(_OwnMessagesOnly(console=False))
+        handlers.append(to_file)
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clipsvd").setLevel(logging.DEBUG)  # its DEBUG lines reach the file
 
 
 def _config(args):
@@ -53,6 +79,16 @@ def cmd_validate(args) -> None:
 def cmd_demo_data(args) -> None:
     from .data.demo import generate_demo_dataset
 
+    if args.config is None:  # a dataset to try a study on, such as config/studies/template.yaml
+        if not args.out:
+            raise ClipsvdError("demo-data: give --out DIR (or --config and --dataset)")
+        generate_demo_dataset(Path(args.out), DemoConfig(per_class=args.per_class,
+                                                         image_size=args.image_size,
+                                                         seed=args.seed))
+        return
+    if not args.dataset:
+        raise ClipsvdError("demo-data: --config needs --dataset NAME (a dataset with a 'demo' "
+                           "section)")
     dataset = _config(args).dataset(args.dataset)
     if dataset.demo is None:
         raise ClipsvdError(f"{args.config}: dataset '{args.dataset}' has no 'demo' section; only "
@@ -159,66 +195,114 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="clipsvd", description="Few-shot adaptation of CLIP-style models to medical images "
         "(CLIP-SVD and baselines); the workflow's rules call these subcommands.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
-    def add(name, func, help_text, run_step=False):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", required=True, help="the study config (YAML)")
-        p.add_argument("--log", help="also write the log to this file")
+    def add(name, func, help_text, run_step=False, config_required=True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", required=config_required, metavar="YAML",
+                       help="the study config: a YAML file such as config/config.yaml, or the "
+                            "resolved results/studies/<study>.json the workflow writes")
+        p.add_argument("--log", metavar="FILE",
+                       help="also write the log to this file (with third-party messages at "
+                            "DEBUG level, which the console leaves out)")
         p.set_defaults(func=func)
         if run_step:  # a step on one run: its split, the prepared store, the run folder
-            p.add_argument("--split", required=True)
-            p.add_argument("--store", required=True)
-            p.add_argument("--run-dir", required=True)
-            p.add_argument("--threads", type=int, default=1)
+            p.add_argument("--split", required=True, metavar="JSON",
+                           help="the run's split file (results/splits/<dataset>/<setting>/"
+                                "shots<K>_seed<s>.json, from `clipsvd sample`)")
+            p.add_argument("--store", required=True, metavar="DIR",
+                           help="the dataset's prepared store (results/prepared/<dataset>, "
+                                "from `clipsvd prepare`)")
+            p.add_argument("--run-dir", required=True, metavar="DIR",
+                           help="the run folder (results/runs/<study>/<dataset>/<method>/"
+                                "<setting>/shots<K>/seed<s>)")
+            add_threads(p)
         return p
 
+    def add_threads(p):
+        p.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="CPU threads for PyTorch and image reading (default: 1)")
+
+    def add_dataset(p, required=True):
+        p.add_argument("--dataset", required=required, metavar="NAME",
+                       help="a dataset name from the study config's datasets")
+
     add("validate", cmd_validate, "check a study config and print its hash")
-    p = add("demo-data", cmd_demo_data, "generate the offline demo dataset")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", help="where to write it (default: the dataset's root)")
+    p = add("demo-data", cmd_demo_data, "generate the offline demo dataset: images of 4 classes "
+            "as PNG, DICOM and NIfTI files with a CSV manifest (path, label, group)",
+            config_required=False)
+    add_dataset(p, required=False)
+    p.add_argument("--out", metavar="DIR",
+                   help="where to write it (default: the dataset's root); needed without "
+                        "--config")
+    p.add_argument("--per-class", type=int, default=DemoConfig.per_class, metavar="N",
+                   help=f"images per class without --config (default: {DemoConfig.per_class})")
+    p.add_argument("--image-size", type=int, default=DemoConfig.image_size, metavar="PX",
+                   help=f"image side without --config (default: {DemoConfig.image_size})")
+    p.add_argument("--seed", type=int, default=DemoConfig.seed, metavar="S",
+                   help=f"random seed without --config (default: {DemoConfig.seed})")
     p = add("prepare", cmd_prepare, "read a dataset through MONAI into a prepared store")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--image-size", type=int, help="default: the model's input size")
+    add_dataset(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the prepared store to write (results/prepared/<dataset>)")
+    add_threads(p)
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help="side of the stored square images (default: the model's input size)")
     p = add("sample", cmd_sample, "draw a few-shot split file")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--setting", required=True, choices=["few_shot", "base_to_novel"])
-    p.add_argument("--shots", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out", required=True)
+    add_dataset(p)
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="the dataset's prepared store (from `clipsvd prepare`)")
+    p.add_argument("--setting", required=True, choices=["few_shot", "base_to_novel"],
+                   help="few_shot: all classes; base_to_novel: train on the first half of the "
+                        "classes, test on both halves")
+    p.add_argument("--shots", type=int, required=True, metavar="K",
+                   help="training images per class (K)")
+    p.add_argument("--seed", type=int, required=True, metavar="S",
+                   help="the seed the support sets are drawn with")
+    p.add_argument("--out", required=True, metavar="JSON", help="the split file to write")
     p = add("features", cmd_features, "frozen image features of a prepared store")
-    p.add_argument("--store", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="the dataset's prepared store (from `clipsvd prepare`)")
+    p.add_argument("--out", required=True, metavar="NPY",
+                   help="the feature array to write (results/features/<dataset>/<model>.npy)")
+    add_threads(p)
     p = add("adapt", cmd_adapt, "train an adapter (CLIP-SVD, CLIP-LoRA, Comp-LoRA) on one split",
             run_step=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--method", required=True, choices=list(ADAPTER_METHODS))
+    add_dataset(p)
+    p.add_argument("--method", required=True, choices=list(ADAPTER_METHODS),
+                   help="the adaptation method")
     p = add("evaluate", cmd_evaluate, "evaluate a run on its test set and log it to MLflow",
             run_step=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--features", help="frozen image features (zero_shot, linear_probe)")
+    add_dataset(p)
+    p.add_argument("--method", required=True, choices=list(METHODS),
+                   help="the method of the run (adapter methods read the run folder's "
+                        "adapter.safetensors)")
+    p.add_argument("--features", metavar="NPY",
+                   help="frozen image features of the store (zero_shot, linear_probe)")
     add("interpret", cmd_interpret, "which singular values of a CLIP-SVD run moved, and what "
         "its most changed heads mean in words", run_step=True)
     add("sync", cmd_sync, "log every run folder of the study that MLflow lacks")
     p = add("report", cmd_report, "tables, figures, statistics and an HTML page of a study's "
                                   "runs, logged to MLflow")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="the report folder to write (results/report/<study>)")
     p.add_argument("--no-mlflow", action="store_true",
                    help="do not log the report folder to MLflow")
-    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders (each holding metrics.json, predictions.csv, run.json)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow's loggers then go through the handlers below instead of its own stderr handler.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     try:
         _setup_logging(args.log)
         args.func(args)

@@ -5,8 +5,11 @@ The test set is evaluated once, at the end (no model selection on it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,8 @@ import pandas as pd
 import torch
 
 from . import layout
-from .config import StudyConfig
-from .data.store import PreparedStore
+from .config import ADAPTER_METHODS, StudyConfig
+from .data.store import PreparedStore, split_summary
 from .devices import batch_size_on_oom, claimed_gpu_slot, resolve_device
 from .io import atomic_path, read_json, write_json
 from .metrics import classification_metrics
@@ -63,8 +66,10 @@ def _feature_rows(features: np.ndarray, store: PreparedStore, ids: list) -> np.n
 
 def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any],
                    store: PreparedStore, loaded, device: torch.device, run_dir: Path,
-                   features_path: Path | None, adapter_path: Path | None):
-    """A function (split key, class names, labels, images) -> class probabilities."""
+                   features_path: Path | None, adapter_path: Path | None, chosen: dict):
+    """A function (split key, class names) -> class probabilities, and the context it runs in.
+
+    ``chosen`` receives what the method decided on the support sets (the probe's C)."""
     templates = cfg.dataset(dataset).templates
     scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
     if method == "zero_shot":
@@ -86,6 +91,7 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
             _feature_rows(features, store, split["val"]), val_y.numpy(), len(split["classes"]),
             settings.c_grid, settings.max_iter, int(split["seed"]))
         save_probe(run_dir / layout.PROBE, model, len(split["classes"]), c)
+        chosen.update(C=c, c_grid=list(settings.c_grid), max_iter=settings.max_iter)
 
         def probe(key, class_names):
             x = _feature_rows(features, store, split[key])
@@ -104,6 +110,7 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
 def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
              run_dir: Path, features_path: Path | None = None,
              adapter_path: Path | None = None, device: torch.device | None = None) -> dict[str, Any]:
+    started_at = time.time()
     split = read_json(split_path)
     device = device or resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
@@ -111,8 +118,9 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
     loaded.model.to(device).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    chosen: dict[str, Any] = {}
     probabilities, cached = _probabilities(cfg, dataset, method, split, store, loaded, device,
-                                           run_dir, features_path, adapter_path)
+                                           run_dir, features_path, adapter_path, chosen)
 
     base_to_novel = split["setting"] == "base_to_novel"
     groups = [("test", split["classes"], "base" if base_to_novel else "all")]
@@ -139,7 +147,13 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
              split["shots"], split["seed"], metrics["accuracy"],
              sum(len(t) for t in tables))
 
+    summary_path = (adapter_path or run_dir / layout.ADAPTER).parent / layout.TRAIN_SUMMARY
+    summary = read_json(summary_path) if method in ADAPTER_METHODS and summary_path.exists() else {}
     record = run_record(cfg, dataset, method, split, split_path, str(device), loaded.fingerprint)
+    record["params"] = run_params(cfg, dataset, method, split, summary, chosen)
+    record["inputs"] = dataset_inputs(store, split, split_path)
+    record["timing"] = {"started_at": summary.get("started_at", started_at),
+                        "finished_at": time.time()}
     with atomic_path(run_dir / layout.PREDICTIONS) as tmp:
         pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
     run_confusion_matrix(metrics, f"{dataset} {method} K={split['shots']} seed={split['seed']}",
@@ -163,3 +177,71 @@ def run_record(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any
                   "model_fingerprint": model_fingerprint, "split_sha256": file_sha256(split_path),
                   "device": device, "gpu_slot": claimed_gpu_slot()}
     return {"tags": tags, "provenance": provenance}
+
+
+# Settings that mean the same for every method that has them; logged under these names (no
+# method prefix) so one MLflow column compares methods.
+SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "iterations_per_shot",
+                   "min_lr", "encoders", "layers", "matrices", "crop_scale", "flip",
+                   "precision", "execution", "rank", "alpha", "dropout", "protect_rank",
+                   "protect_energy")
+TRAINING_FACTS = ("total_steps", "trainable_parameters", "trainable_fraction")
+
+
+def param_value(value: Any) -> str:
+    """A setting as an MLflow parameter: lists as JSON, None as 'none', booleans lower-case."""
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def run_params(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any],
+               summary: dict[str, Any], chosen: dict[str, Any]) -> dict[str, str]:
+    """What identifies a run and what compares it with other runs, whatever its method: the
+    same names for the same meaning, the method's own settings as its training used them."""
+    zero_shot = method == "zero_shot"
+    params: dict[str, Any] = {
+        "dataset": dataset, "method": method, "setting": split["setting"],
+        "shots": int(split["shots"]),
+        "seed": None if zero_shot else int(split["seed"]),  # zero-shot has no randomness
+        "model": cfg.model.name, "pretrained": cfg.model.pretrained,
+        "logit_scale": cfg.model.logit_scale, "templates": list(cfg.dataset(dataset).templates),
+        "support_size": len(split["train"]), "val_size": len(split["val"]),
+        "test_size": len(split["test"]) + len(split.get("test_novel", [])),
+        "classes": len(split["classes"]) + len(split.get("novel_classes", [])),
+    }
+    if method in ADAPTER_METHODS:
+        used = summary.get("config", {}).get(method) or asdict(cfg.training(method, dataset))
+        params.update({k: used[k] for k in SHARED_SETTINGS if k in used})
+        params.update({k: summary[k] for k in TRAINING_FACTS if k in summary})
+    params.update(chosen)
+    return {key: param_value(value) for key, value in params.items()}
+
+
+def dataset_inputs(store: PreparedStore, split: dict[str, Any],
+                   split_path: Path) -> list[dict[str, Any]]:
+    """The run's MLflow dataset inputs: the prepared store its test set comes from, and (for a
+    method that learns from it) the split file of its support sets."""
+    provenance = store.provenance
+    digest_of = json.dumps([provenance.get("fingerprint"), provenance.get("inputs_fingerprint")])
+    splits = provenance.get("splits") or split_summary(store.index)
+    inputs = [{
+        "name": store.name, "context": "test", "source": str(store.path),
+        "digest": hashlib.sha256(digest_of.encode()).hexdigest()[:16],
+        "profile": {"test_images": len(split["test"]) + len(split.get("test_novel", [])),
+                    "classes": len(store.classes),
+                    **{f"{name}_images": part["images"] for name, part in splits.items()}},
+    }]
+    if split["train"]:
+        inputs.append({
+            "name": f"{store.name} K={split['shots']} seed={split['seed']}",
+            "context": "training", "source": str(split_path),
+            "digest": file_sha256(split_path)[:16],
+            "profile": {"support_images": len(split["train"]),
+                        "validation_images": len(split["val"])},
+        })
+    return inputs

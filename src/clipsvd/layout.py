@@ -32,7 +32,8 @@ RUN_RECORD = "run.json"  # identity (MLflow tags) and provenance of the run
 # Files of the report folder.
 REPORT_TABLE = "accuracy.csv"
 REPORT_TABLE_MD = "accuracy.md"
-REPORT_PLOT = "accuracy_vs_shots.png"
+REPORT_FIGURE = "accuracy_vs_shots.{ext}"  # ext: each of FIGURE_FORMATS
+REPORT_PLOT = REPORT_FIGURE.format(ext="png")
 
 # Zero-shot has no support set and no randomness: one run per dataset and setting.
 ZERO_SHOT_SHOTS = 0
@@ -56,13 +57,21 @@ REPORT_SUMMARY_AVERAGE = "summary_average.csv"  # averaged over datasets
 REPORT_SETTING_TABLE = "{setting}.{ext}"  # ext csv | md | tex: per dataset and the average
 REPORT_METRICS_TABLE = "{setting}_metrics.{ext}"  # every metric, md | tex
 REPORT_COMPARISON = "comparison.{ext}"  # paired CLIP-SVD comparison, csv | md | tex
-REPORT_CONFUSION = "confusion_{dataset}_{setting}.png"
-REPORT_RELIABILITY = "reliability_{setting}.png"
+REPORT_CONFUSION = "confusion_{dataset}_{setting}_{method}.{ext}"  # one method per figure
+REPORT_RELIABILITY = "reliability_{setting}.{ext}"
+REPORT_PLOT_VECTOR = REPORT_FIGURE.format(ext="svg")
+FIGURE_FORMATS = ("svg", "png")  # every report figure: vector, and PNG at 300 dpi
+REPORT_DATASETS = "datasets.{ext}"  # images, groups and classes per split; csv | md | tex
+REPORT_PER_CLASS = "per_class.{ext}"  # precision, recall, F1 per class; csv | md | tex
+REPORT_BOOTSTRAP = "test_bootstrap.csv"  # test-set bootstrap CIs and paired differences
 REPORT_PROVENANCE = "provenance.json"
 REPORT_HTML = "report.html"
 
 
-def report_paths(pattern: str, settings, datasets=(None,), **fields) -> list[str]:
-    """Report-folder paths of a file pattern per setting (and dataset), {study} left in."""
-    return [f"{REPORT}/{pattern.format(setting=s, dataset=d, **fields)}"
-            for s in settings for d in datasets]
+def report_paths(pattern: str, settings=(None,), datasets=(None,), methods=(None,),
+                 exts=(None,), **fields) -> list[str]:
+    """Report-folder paths of a file pattern per setting, dataset, method and extension (the
+    product of those given), {study} left in."""
+    return [f"{REPORT}/" + pattern.format(**{"setting": s, "dataset": d, "method": m, "ext": e,
+                                             **fields})
+            for s in settings for d in datasets for m in methods for e in exts]

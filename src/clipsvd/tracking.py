@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import re
+import statistics
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +32,26 @@ RUN_KEY = "clipsvd.run_key"
 CONTENT = "clipsvd.content_hash"
 SUPERSEDED = "clipsvd.superseded"
 GROUP_KEY = "clipsvd.group_key"
+IDENTITY = ("dataset", "method", "setting", "shots", "seed", "model")
+# Summarised over seeds on each parent run, per shot count (those a run has).
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece",
+                    "base_accuracy", "novel_accuracy")
+# The experiment tag older MLflow UIs read to open an experiment on its runs rather than on the
+# GenAI overview; MLflow 3.17's UI decides by its workflow switch instead (`?workflowType=`).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# Views of the runs page stored with the experiment (MLflow's "shared view" tags).
+VIEW_TAG = "mlflow.sharedViewState."
+RUNS_VIEW = "clipsvd-runs"
+SHOTS_VIEW = "clipsvd-accuracy-vs-shots"
+
+
+def ui_links(base: str, experiment_id: str) -> dict[str, str]:
+    """Addresses of the experiment's views in the MLflow UI at ``base`` (its model-training
+    side; the UI opens on the GenAI side otherwise)."""
+    runs = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return {RUNS_VIEW: f"{runs}&viewStateShareKey={RUNS_VIEW}",
+            SHOTS_VIEW: f"{runs}&viewStateShareKey={SHOTS_VIEW}&compareRunsMode=CHART"}
 
 
 def skip_reason(exc: BaseException) -> str:
@@ -84,22 +106,17 @@ def _writer_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
-    else:
-        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-
-
 def _experiment_id(client, study: str) -> str:
     experiment = client.get_experiment_by_name(study)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND) != TRAINING_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         return experiment.experiment_id
     artifacts = Path(layout.MLFLOW_ARTIFACTS).resolve() / study
-    return client.create_experiment(study, artifact_location=artifacts.as_uri())
+    return client.create_experiment(study, artifact_location=artifacts.as_uri(),
+                                    tags={EXPERIMENT_KIND: TRAINING_KIND})
 
 
 def _supersede(client, run_id: str) -> None:
@@ -107,17 +124,103 @@ def _supersede(client, run_id: str) -> None:
     client.delete_run(run_id)
 
 
-def _parent_run(client, experiment_id: str, tags: dict[str, str]) -> str:
+def _parent_run(client, experiment_id: str, tags: dict[str, str],
+                start_time: int | None) -> str:
+    from mlflow.entities import Param
+
     group = "/".join(tags[k] for k in ("dataset", "method", "setting"))
     found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_KEY}` = '{group}'",
                                max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=group.replace("/", " · "),
+    # The method first: the runs table cuts long names.
+    run = client.create_run(experiment_id, run_name=" · ".join(
+                                tags[k] for k in ("method", "setting", "dataset")),
+                            start_time=start_time,
                             tags={GROUP_KEY: group, **{k: tags[k] for k in
                                   ("study", "dataset", "method", "setting", "model")}})
+    # Only what never changes for the group is a parameter (MLflow parameters are immutable).
+    client.log_batch(run.info.run_id, params=[
+        Param(k, tags[k]) for k in ("dataset", "method", "setting")])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def _update_parent(client, experiment_id: str, parent_id: str) -> None:
+    """The parent's mean and sample std over seeds of the headline metrics per shot count
+    (``<metric> K<k> mean``, ``<metric> K<k> std``, ``n_seeds K<k>``: names that sort next to
+    the children's ``<metric>`` columns and show K when the UI cuts them), from its current
+    children; no std with a single seed. Only values that changed are logged."""
+    from mlflow.entities import Metric
+
+    children = client.search_runs(
+        [experiment_id], max_results=50000,
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                      f"tags.`{SUPERSEDED}` = 'false' and attributes.status = 'FINISHED'")
+    by_shots: dict[int, list] = {}
+    for child in children:
+        by_shots.setdefault(int(child.data.tags["shots"]), []).append(child)
+    values: dict[str, float] = {}
+    for shots, runs in sorted(by_shots.items()):
+        values[f"n_seeds K{shots}"] = float(len(runs))
+        for name in HEADLINE_METRICS:
+            found = [r.data.metrics[name] for r in runs if name in r.data.metrics]
+            if not found:
+                continue
+            values[f"{name} K{shots} mean"] = statistics.fmean(found)
+            if len(found) > 1:
+                values[f"{name} K{shots} std"] = statistics.stdev(found)
+    parent = client.get_run(parent_id)
+    now = int(time.time() * 1000)
+    changed = [Metric(k, v, now, 0) for k, v in sorted(values.items())
+               if parent.data.metrics.get(k) != v]
+    if changed:
+        client.log_batch(parent_id, metrics=changed)
+    ends = [c.info.end_time for c in children if c.info.end_time]
+    client.set_terminated(parent_id, "FINISHED", end_time=max(ends) if ends else None)
+
+
+def _shared_views(shots: list[int]) -> dict[str, dict[str, Any]]:
+    """The experiment's ready-made views of MLflow's runs page (opened with
+    ``?viewStateShareKey=<key>``, README "MLflow"): RUNS_VIEW, a table whose columns are the
+    comparing parameters, the children's headline metrics and the parents' mean and std per
+    K; SHOTS_VIEW, the chart view with runs grouped by (method, shots), averaged over seeds,
+    and accuracy plotted against shots."""
+    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
+    columns = ([f"params.`{k}`" for k in ("method", "shots", "seed", "model")]
+               + [f"metrics.`{m}`" for m in metrics]
+               + [f"metrics.`accuracy K{k} {stat}`" for k in shots for stat in ("mean", "std")]
+               + [f"metrics.`n_seeds K{k}`" for k in shots])
+    section = {"uuid": "clipsvd-accuracy-vs-shots", "name": "Accuracy against shots",
+               "display": True, "isReordered": False, "deleted": False, "isGenerated": False}
+    chart = {"uuid": "clipsvd-accuracy-vs-shots-chart", "type": "SCATTER",
+             "metricSectionId": section["uuid"], "runsCountToCompare": 100, "deleted": False,
+             "isGenerated": False, "displayName": "accuracy (mean over seeds) against shots",
+             "xaxis": {"key": "shots", "type": "PARAM"},
+             "yaxis": {"key": "accuracy", "type": "METRIC"}}
+    return {
+        RUNS_VIEW: {"selectedColumns": columns, "runsHiddenMode": "SHOW_ALL"},
+        SHOTS_VIEW: {"selectedColumns": columns, "runsHiddenMode": "SHOW_ALL",
+                     "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+                         {"mode": "param", "groupByData": "method"},
+                         {"mode": "param", "groupByData": "shots"}]},
+                     "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
+                     "compareRunSections": [section], "compareRunCharts": [chart],
+                     "isAccordionReordered": True},
+    }
+
+
+def _update_views(client, experiment_id: str) -> None:
+    """Write the shared views as experiment tags (again only when the shot counts changed)."""
+    parents = client.search_runs([experiment_id], max_results=50000,
+                                 filter_string=f"tags.`{GROUP_KEY}` != ''")
+    shots = sorted({int(key.removeprefix("n_seeds K")) for run in parents
+                    for key in run.data.metrics if key.startswith("n_seeds K")})
+    tags = client.get_experiment(experiment_id).tags
+    for key, view in _shared_views(shots).items():
+        value = json.dumps(view, sort_keys=True)
+        if tags.get(VIEW_TAG + key) != value:
+            client.set_experiment_tag(experiment_id, VIEW_TAG + key, value)
 
 
 def _history(path: Path) -> list[dict[str, float]]:
@@ -136,15 +239,38 @@ def _content_hash(run_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _milliseconds(seconds: float | None) -> int | None:
+    return int(seconds * 1000) if seconds is not None else None
+
+
+def _dataset_inputs(inputs: list[dict[str, Any]]) -> list:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(name=item["name"], digest=item["digest"], source_type="local",
+                                 source=json.dumps({"uri": item["source"]}),
+                                 profile=json.dumps(item.get("profile", {}))),
+                         tags=[InputTag("mlflow.data.context", item["context"])])
+            for item in inputs]
+
+
 def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
                    extra_artifacts: tuple[Path, ...] = ()) -> tuple[str, bool]:
-    """Log one finished run folder to MLflow; returns (run id, whether it was created now)."""
+    """Log one finished run folder to MLflow; returns (run id, whether it was created now).
+
+    Parameters, dataset inputs and the run's start and end (its training start and evaluation
+    end) come from run.json, so a later sync logs the same as the job did."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
     metrics = read_json(run_dir / layout.METRICS)
     summary_path = run_dir / layout.TRAIN_SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else {}
+    record_path = run_dir / layout.RUN_RECORD
+    record = read_json(record_path) if record_path.exists() else {}
+    params = record.get("params") or {k: tags[k] for k in IDENTITY if k in tags}
+    timing = record.get("timing", {})
+    start_time = _milliseconds(timing.get("started_at"))
+    end_time = _milliseconds(timing.get("finished_at"))
     run_key = "/".join(tags[k] for k in ("study", "dataset", "method", "setting", "shots", "seed"))
     content = _content_hash(run_dir)
     with _writer_lock(uri):
@@ -161,45 +287,48 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
             _supersede(client, run.info.run_id)
             log.info("MLflow run %s superseded by the new results (moved to deleted runs)",
                      run.info.run_id)
-        parent = _parent_run(client, experiment_id, tags)
-        name = f"{tags['method']} K={tags['shots']} seed={tags['seed']}"
-        run = client.create_run(experiment_id, run_name=name, tags={
+        parent = _parent_run(client, experiment_id, tags, start_time)
+        name = f"{tags['method']} K={tags['shots']}"
+        if tags["method"] != "zero_shot":
+            name += f" seed={tags['seed']}"
+        name += f" · {tags['dataset']}"
+        run = client.create_run(experiment_id, run_name=name, start_time=start_time, tags={
             **tags, RUN_KEY: run_key, CONTENT: content, SUPERSEDED: "false",
             "mlflow.parentRunId": parent, "run_dir": str(run_dir)})
         run_id = run.info.run_id
         try:
-            params: dict[str, str] = {}
-            _flatten("", summary.get("config", {}), params)
-            for key in ("trainable_parameters", "trainable_fraction", "total_steps", "device"):
-                if key in summary:
-                    params[key] = str(summary[key])
-            timestamp = int(run.info.start_time)
+            started = int(run.info.start_time)
             history = [
-                Metric(f"train/{name}", row[name], timestamp, int(row["step"]))
+                Metric(f"train/{name}", row[name], started, int(row["step"]))
                 for row in _history(run_dir / layout.TRAIN_HISTORY)
                 for name in row if name != "step"
             ]
-            final = [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()
+            finished = end_time or started
+            final = [Metric(k, float(v), finished, 0) for k, v in metrics.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)]
             for key in ("steps_per_second", "train_seconds", "loader_fraction",
                         "peak_memory_mb"):
                 if key in summary:
-                    final.append(Metric(f"train/{key}", float(summary[key]), timestamp, 0))
-            param_list = [Param(k[:250], v[:6000]) for k, v in sorted(params.items())]
+                    final.append(Metric(f"train/{key}", float(summary[key]), finished, 0))
+            param_list = [Param(k[:250], str(v)[:6000]) for k, v in sorted(params.items())]
             for start in range(0, max(len(history), 1), 900):
                 client.log_batch(run_id, metrics=history[start:start + 900],
                                  params=param_list if start == 0 else [],
                                  tags=[RunTag("config_hash", tags.get("config_hash", ""))])
             client.log_batch(run_id, metrics=final)
+            if record.get("inputs"):
+                client.log_inputs(run_id, datasets=_dataset_inputs(record["inputs"]))
             for path in [*sorted(p for p in run_dir.iterdir() if p.is_file()
                                  and not p.name.startswith(".")), *extra_artifacts]:
                 if path.name != layout.TRACKING_RECORD and path.exists():
                     client.log_artifact(run_id, str(path))
-            client.set_terminated(run_id, "FINISHED")
+            client.set_terminated(run_id, "FINISHED", end_time=end_time)
         except Exception:
             client.set_terminated(run_id, "FAILED")
             _supersede(client, run_id)
             raise
+        _update_parent(client, experiment_id, parent)
+        _update_views(client, experiment_id)
     return run_id, True
 
 

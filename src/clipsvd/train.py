@@ -83,6 +83,7 @@ def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:
 def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
           out_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
     """Train one adapter on one split; write the adapter, the history and a summary into out_dir."""
+    started_at = time.time()  # the run's start in MLflow: its work, not its logging
     split = read_json(split_path)
     shots, seed = int(split["shots"]), int(split["seed"])
     dataset_cfg = cfg.dataset(dataset)
@@ -174,6 +175,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     summary = {
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,
         "method": method, "device": str(device), "gpu_slot": claimed_gpu_slot(), "total_steps": steps,
+        "started_at": started_at, "finished_at": time.time(),
         "train_seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 3),
         "data_seconds": round(data_seconds, 3), "cpu_threads": torch.get_num_threads(),
         "loader_fraction": round(data_seconds / max(seconds, 1e-9), 4),

@@ -1,5 +1,6 @@
-# The study's report: tables (CSV, Markdown, LaTeX), figures, statistics and one HTML page
-# (docs/report.md lists the files). The report folder is also logged to MLflow.
+# The study's report: tables (CSV, Markdown, LaTeX), figures (SVG and 300 dpi PNG), statistics
+# and one HTML page (docs/report.md lists the files). The report folder is also logged to
+# MLflow. Categories of `snakemake --report` avoid its own "Workflow" and "Statistics" pages.
 
 
 rule report:
@@ -13,20 +14,21 @@ rule report:
             category="Results",
         ),
         markdown=f"{layout.REPORT}/{layout.REPORT_TABLE_MD}",
-        plot=report(
-            f"{layout.REPORT}/{layout.REPORT_PLOT}",
+        plot=f"{layout.REPORT}/{layout.REPORT_PLOT}",
+        plot_vector=report(
+            f"{layout.REPORT}/{layout.REPORT_PLOT_VECTOR}",
             caption="../report/accuracy_plot.rst",
             category="Results",
         ),
         html=report(
             f"{layout.REPORT}/{layout.REPORT_HTML}",
             caption="../report/report_html.rst",
-            category="Report",
+            category="Results",
         ),
-        comparison=report(
-            f"{layout.REPORT}/comparison.csv",
-            caption="../report/comparison.rst",
-            category="Statistics",
+        datasets=report(
+            f"{layout.REPORT}/{layout.REPORT_DATASETS.format(ext='csv')}",
+            caption="../report/datasets.rst",
+            category="Tables",
         ),
         tables=[
             report(path, caption="../report/setting_table.rst", category="Tables")
@@ -34,18 +36,55 @@ rule report:
                 layout.REPORT_SETTING_TABLE, STUDY.settings, ext="csv"
             )
         ],
+        per_class=report(
+            f"{layout.REPORT}/{layout.REPORT_PER_CLASS.format(ext='csv')}",
+            caption="../report/per_class.rst",
+            category="Tables",
+        ),
+        comparison=report(
+            f"{layout.REPORT}/{layout.REPORT_COMPARISON.format(ext='csv')}",
+            caption="../report/comparison.rst",
+            category="Paired comparison",
+        ),
+        bootstrap=report(
+            f"{layout.REPORT}/{layout.REPORT_BOOTSTRAP}",
+            caption="../report/test_bootstrap.rst",
+            category="Paired comparison",
+        ),
         confusion=[
-            report(path, caption="../report/confusion.rst", category="Figures")
+            report(
+                path,
+                caption="../report/confusion.rst",
+                category="Figures",
+                subcategory="Confusion matrices",
+            )
             for path in layout.report_paths(
                 layout.REPORT_CONFUSION,
                 STUDY.settings,
                 [d.name for d in STUDY.datasets],
+                STUDY.methods,
+                ext="svg",
             )
         ],
         reliability=[
-            report(path, caption="../report/reliability.rst", category="Figures")
-            for path in layout.report_paths(layout.REPORT_RELIABILITY, STUDY.settings)
+            report(
+                path,
+                caption="../report/reliability.rst",
+                category="Figures",
+                subcategory="Calibration",
+            )
+            for path in layout.report_paths(
+                layout.REPORT_RELIABILITY, STUDY.settings, ext="svg"
+            )
         ],
+        figures_png=layout.report_paths(
+            layout.REPORT_CONFUSION,
+            STUDY.settings,
+            [d.name for d in STUDY.datasets],
+            STUDY.methods,
+            ext="png",
+        )
+        + layout.report_paths(layout.REPORT_RELIABILITY, STUDY.settings, ext="png"),
         latex=layout.report_paths(
             layout.REPORT_SETTING_TABLE, STUDY.settings, ext="tex"
         ),

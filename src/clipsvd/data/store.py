@@ -90,3 +90,4 @@ class PreparedStore:
                                 "dataset; the split file is stale, run `clipsvd sample` "
                                 "again") from None
         return np.asarray(positions, dtype=np.int64)
+

@@ -19,9 +19,10 @@ from ..io import atomic_path, read_json, write_json, write_text
 from ..provenance import git_state, package_versions
 from . import figures, tables
 from .aggregate import (AVERAGE, METHOD_LABELS, average_all, average_over_datasets,
-                        base_to_novel_table, best_shots, collect_runs, method_rank, metrics_of,
-                        summarise,
-                        summarise_all, with_average)
+                        base_to_novel_table, best_shots, collect_runs, method_label, method_rank,
+                        metrics_of, per_class, summarise, summarise_all, with_average)
+from .bootstrap import test_set_bootstrap
+from .datasets import dataset_summary
 from .stats import paired_comparison
 
 __all__ = ["AVERAGE", "METHOD_LABELS", "average_over_datasets", "build_report", "collect_runs",
@@ -42,7 +43,8 @@ def _accuracy_markdown(table: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|"]
     for row in table.itertuples():
         lines.append(f"| {row.dataset} | {METHOD_LABELS.get(row.method, row.method)} | "
-                     f"{row.setting} | {row.shots} | {tables.pm(row.mean, row.std)} "
+                     f"{row.setting} | {row.shots} | "
+                     f"{tables.pm(row.mean, row.std, n_seeds=int(row.n_seeds))} "
                      f"| {row.n_seeds} |")
     return "\n".join(lines) + "\n"
 
@@ -81,18 +83,25 @@ def collect_provenance(runs: pd.DataFrame, config=None) -> dict[str, Any]:
     }
 
 
-def _config_facts(runs: pd.DataFrame, config) -> list[tuple[str, str]]:
+def _config_facts(runs: pd.DataFrame, config=None) -> list[tuple[str, str]]:
+    """What the study ran. Shots and seeds are those of the methods that have them: zero-shot's
+    K = 0 and seed 0 only name its single run and are listed apart."""
     facts = []
     if config is not None:
         facts += [("study", config.study), ("config hash", config.fingerprint()),
                   ("model", f"{config.model.name} ({config.model.pretrained or 'random weights'})")]
+    trained = runs[runs.method != "zero_shot"]
     facts += [("datasets", ", ".join(sorted(runs.dataset.unique()))),
               ("methods", ", ".join(METHOD_LABELS.get(m, m) for m in
                                     sorted(runs.method.unique(), key=method_rank))),
-              ("settings", ", ".join(sorted(runs.setting.unique()))),
-              ("shots per class (K)", ", ".join(map(str, sorted(runs.shots.unique())))),
-              ("seeds", ", ".join(map(str, sorted(runs.seed.unique())))),
-              ("runs", str(len(runs)))]
+              ("settings", ", ".join(sorted(runs.setting.unique())))]
+    if len(trained):
+        facts += [("shots per class (K)", ", ".join(map(str, sorted(trained.shots.unique())))),
+                  ("seeds", ", ".join(map(str, sorted(trained.seed.unique()))))]
+    if (runs.method == "zero_shot").any():
+        facts.append(("zero-shot", "one run per dataset and setting, reported as K = 0 (no "
+                                   "training, no seed)"))
+    facts.append(("runs", str(len(runs))))
     return facts
 
 
@@ -118,12 +127,26 @@ def build_report(run_dirs: list[Path], out_dir: Path, config=None) -> pd.DataFra
     _csv(summarise_all(runs), out(layout.REPORT_SUMMARY))
     _csv(average_all(runs), out(layout.REPORT_SUMMARY_AVERAGE))
 
+    bootstrap = test_set_bootstrap(runs)
+    _csv(bootstrap, out(layout.REPORT_BOOTSTRAP))
+    best = best_shots(accuracy)
+
+    # The datasets: images, groups and classes per split, and the test images evaluated.
+    dataset_facts = dataset_summary(runs)
+    _csv(dataset_facts, out(layout.REPORT_DATASETS.format(ext="csv")))
+    dataset_table = tables.datasets(dataset_facts)
+    for ext in ("md", "tex"):
+        write_text(out(layout.REPORT_DATASETS.format(ext=ext)), tables.render([dataset_table], ext))
+
     # Per setting: CSV (numbers), Markdown and LaTeX (presentation), per dataset and averaged.
     html_sections = []
+    class_metrics = per_class(runs)
+    _csv(class_metrics, out(layout.REPORT_PER_CLASS.format(ext="csv")))
+    class_tables = []
     for setting in [s for s in SETTINGS if s in set(runs.setting)]:
         wide = with_average(runs, setting)
         averaged = wide[wide.dataset == AVERAGE]
-        shown = [tables.accuracy_by_shots(part, setting) for part in (averaged, wide[
+        shown = [tables.accuracy_by_shots(part, setting, bootstrap) for part in (averaged, wide[
             wide.dataset != AVERAGE]) if len(part)]
         if setting == "base_to_novel":
             b2n = base_to_novel_table(runs)
@@ -139,7 +162,13 @@ def build_report(run_dirs: list[Path], out_dir: Path, config=None) -> pd.DataFra
                        tables.render(shown, ext))
             write_text(out(layout.REPORT_METRICS_TABLE.format(setting=setting, ext=ext)),
                        tables.render([detail], ext))
-        html_sections.append((tables.SETTING_LABELS.get(setting, setting), shown + [detail]))
+        classes = [t for t in [tables.per_class(class_metrics, best, setting)] if t.rows]
+        class_tables += classes
+        html_sections.append((tables.SETTING_LABELS.get(setting, setting),
+                              shown + [detail] + classes))
+    for ext in ("md", "tex"):
+        write_text(out(layout.REPORT_PER_CLASS.format(ext=ext)), tables.render(class_tables, ext)
+                   if class_tables else "No per-class metrics in the runs' metrics.json.\n")
 
     # Paired comparison with CLIP-SVD.
     comparison = paired_comparison(runs)
@@ -150,28 +179,33 @@ def build_report(run_dirs: list[Path], out_dir: Path, config=None) -> pd.DataFra
                 "No paired comparison: no CLIP-SVD runs or no other method with matching runs.\n")
         write_text(out(layout.REPORT_COMPARISON.format(ext=ext)), text)
 
-    # Figures.
+    # Figures: SVG (shown on the page) and 300 dpi PNG of each.
     figure_list = []
+
+    def figure(pattern: str, caption: str, **fields) -> Path:
+        paths = [out(pattern.format(ext=ext, **fields)) for ext in layout.FIGURE_FORMATS]
+        figure_list.append((paths[0], caption))
+        return paths[0]
+
     average = average_over_datasets(runs)
-    figures.accuracy_vs_shots(accuracy, average, out(layout.REPORT_PLOT))
-    figure_list.append((out_dir / layout.REPORT_PLOT,
-                        "Accuracy versus shots per class (K): mean over seeds, band ± 1 std; "
-                        "zero-shot is the square at K=0 and the dashed line. Base-to-novel "
-                        "panels show the harmonic mean of base and novel accuracy."))
-    best = best_shots(accuracy)
+    figures.accuracy_vs_shots(accuracy, average, figure(
+        layout.REPORT_FIGURE, "Accuracy versus shots per class (K): mean over seeds, band "
+        "± 1 std; zero-shot is the square at K=0 and the dashed line. Base-to-novel panels show "
+        "the harmonic mean of base and novel accuracy."))
     for setting in [s for s in SETTINGS if s in set(runs.setting)]:
-        path = out(layout.REPORT_RELIABILITY.format(setting=setting))
-        figures.reliability_curves(runs, best, setting, path)
-        figure_list.append((path, f"Reliability curves ({setting}): test accuracy per confidence "
-                                  f"bin ({figures.RELIABILITY_BINS} equal-width bins), each "
-                                  "method at its best K with the predictions of all its seeds "
-                                  "pooled; the dotted diagonal is perfect calibration."))
+        figures.reliability_curves(runs, best, setting, figure(
+            layout.REPORT_RELIABILITY, f"Reliability curves ({setting}): test accuracy per "
+            f"confidence bin ({figures.RELIABILITY_BINS} equal-width bins), each method at its "
+            "best K with the predictions of all its seeds pooled; the dotted diagonal is "
+            "perfect calibration.", setting=setting))
         for dataset in sorted(runs[runs.setting == setting].dataset.unique()):
-            path = out(layout.REPORT_CONFUSION.format(dataset=dataset, setting=setting))
-            figures.confusion_matrices(runs, best, dataset, setting, path)
-            figure_list.append((path, f"Confusion matrices of {dataset} ({setting}) at each "
-                                      "method's best K (highest mean accuracy), summed over "
-                                      "that K's seeds; cells are % of the true class (count)."))
+            here = runs[(runs.setting == setting) & (runs.dataset == dataset)]
+            for method in sorted(here.method.unique(), key=method_rank):
+                figures.confusion_matrix(runs, best, dataset, setting, method, figure(
+                    layout.REPORT_CONFUSION, f"Confusion matrix of {method_label(method)} on "
+                    f"{dataset} ({setting}) at its best K (highest mean accuracy), summed over "
+                    "that K's seeds; cells are % of the true class (count).", dataset=dataset,
+                    setting=setting, method=method))
 
     interpretation = _interpretation(runs, out_dir)  # issue 9: CLIP-SVD interpret/ folders
 
@@ -180,19 +214,19 @@ def build_report(run_dirs: list[Path], out_dir: Path, config=None) -> pd.DataFra
     write_json(out(layout.REPORT_PROVENANCE), provenance)
     study = config.study if config is not None else Path(run_dirs[0]).parents[4].name
     page = _render_html(study, runs, config, html_sections, comparison_table, figure_list,
-                        provenance, interpretation)
+                        provenance, interpretation, dataset_table)
     write_text(out(layout.REPORT_HTML), page)
     log.info("report of %d runs: %d files written to %s", len(runs), len(written), out_dir)
     return accuracy
 
 
 def _render_html(study, runs, config, sections, comparison_table, figure_list, provenance,
-                 interpretation=""):
+                 interpretation="", dataset_table=None):
     from .html import render_page
 
     return render_page(study, config.as_dict() if config is not None else None,
                        _config_facts(runs, config), sections, comparison_table, figure_list,
-                       provenance, interpretation)
+                       provenance, interpretation, dataset_table)
 
 
 def _interpretation(runs: pd.DataFrame, out_dir: Path) -> str:

@@ -208,3 +208,40 @@ def best_shots(summary: pd.DataFrame) -> dict[tuple[str, str, str], int]:
         top = part.sort_values(["mean", "shots"], ascending=[False, True]).iloc[0]
         best[(dataset, setting, method)] = int(top.shots)
     return best
+
+
+PER_CLASS_GROUPS = {"few_shot": [("", "all")],
+                    "base_to_novel": [("base_", "base"), ("novel_", "novel")]}
+
+
+def per_class(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, setting, class group, method, shots, class): support, and the mean and
+    sample std over seeds of precision, recall and F1 (= 2PR / (P + R) of each run, 0 when both
+    are 0), from each run's metrics.json; classes in the metrics' order."""
+    rows = []
+    for run in runs.itertuples(index=False):
+        metrics = read_json(Path(run.run_dir) / layout.METRICS)
+        for prefix, group in PER_CLASS_GROUPS.get(run.setting, [("", "all")]):
+            for order, (name, values) in enumerate((metrics.get(f"{prefix}per_class")
+                                                    or {}).items()):
+                p, r = float(values["precision"]), float(values["recall"])
+                rows.append({"dataset": run.dataset, "setting": run.setting, "group": group,
+                             "method": run.method, "shots": int(run.shots), "seed": run.seed,
+                             "order": order, "class_name": name,
+                             "support": int(values["support"]), "precision": p, "recall": r,
+                             "f1": 2 * p * r / (p + r) if p + r > 0 else 0.0})
+    keys = ["dataset", "setting", "group", "method", "shots", "order", "class_name"]
+    columns = keys + ["support"] + [f"{m}_{s}" for m in ("precision", "recall", "f1")
+                                    for s in ("mean", "std")] + ["n_seeds"]
+    if not rows:
+        return pd.DataFrame(columns=[c for c in columns if c != "order"])
+    long = pd.DataFrame(rows)
+    grouped = long.groupby(keys, sort=False)
+    table = grouped[["precision", "recall", "f1"]].agg(["mean", "std"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table = table.fillna(0.0)
+    table["support"] = grouped["support"].max()
+    table["n_seeds"] = grouped["seed"].count()
+    table = table.reset_index()[columns]
+    return sort_rows(table, ["dataset", "setting", "group", "method", "shots", "order"]).drop(
+        columns="order")

@@ -1,4 +1,5 @@
-"""Figures of the report (PNG): accuracy versus shots, confusion matrices, reliability curves."""
+"""Figures of the report, each as SVG (vector) and 300 dpi PNG: accuracy versus shots,
+confusion matrices (one figure per method), reliability curves. Legends sit outside the data."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,10 @@ from .aggregate import AVERAGE, SETTING_LABELS, method_label, method_rank
 
 FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
         "xtick.labelsize": 10, "ytick.labelsize": 10}
+# Same figure, same bytes: SVG element ids from a fixed salt, no creation date in the files.
+REPRODUCIBLE = {"svg.hashsalt": "clipsvd"}
 RELIABILITY_BINS = 10
+PNG_DPI = 300
 
 
 def _pyplot():
@@ -22,16 +26,25 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update(FONT)
+    plt.rcParams.update({**FONT, **REPRODUCIBLE})
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path, vector: bool = True) -> list[Path]:
+    """``path`` as a 300 dpi PNG, and (``vector``) the same figure as SVG next to it; legends
+    placed outside the axes are kept (tight bounding box). Returns the files written."""
     plt = _pyplot()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    path = Path(path)
+    written = [path.with_suffix(".png")]
+    if vector:
+        written.append(path.with_suffix(".svg"))
+    for target in written:
+        kind = target.suffix[1:]
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=kind, dpi=PNG_DPI, bbox_inches="tight", pad_inches=0.05,
+                        metadata={"Date": None} if kind == "svg" else {"Software": None})
     plt.close(fig)
+    return written
 
 
 def _colors(methods) -> dict[str, str]:
@@ -41,10 +54,21 @@ def _colors(methods) -> dict[str, str]:
     return {m: palette.get(m) or next(extra, "#000000") for m in methods}
 
 
-def accuracy_vs_shots(summary: pd.DataFrame, average: pd.DataFrame, path: Path) -> None:
+def _figure_legend(fig, axes) -> None:
+    """One legend for all panels, below them (outside every axes), each label once."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncols=min(len(handles), 3), frameon=False)
+
+
+def accuracy_vs_shots_figure(summary: pd.DataFrame, average: pd.DataFrame):
     """One panel per (setting, dataset) plus an 'Average' panel per setting (when there is more
     than one dataset); a line per method with a ± std band; zero-shot a marker at K = 0 and a
-    dashed line. The K axis is evenly spaced (0, 1, 2, 4, …)."""
+    dashed line. The K axis is evenly spaced (0, 1, 2, 4, …); one legend below the panels."""
     plt = _pyplot()
     panels = []
     for setting in sorted(summary.setting.unique(), key=lambda s: s != "few_shot"):
@@ -56,7 +80,8 @@ def accuracy_vs_shots(summary: pd.DataFrame, average: pd.DataFrame, path: Path) 
     n = len(panels)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     colors = _colors(sorted(summary.method.unique(), key=method_rank))
     for ax, (setting, dataset, part) in zip(axes.flat, panels):
         ks = sorted(part.shots.unique())
@@ -80,10 +105,14 @@ def accuracy_vs_shots(summary: pd.DataFrame, average: pd.DataFrame, path: Path) 
         title = "Average over datasets" if dataset == AVERAGE else dataset
         ax.set_title(f"{title} — {SETTING_LABELS.get(setting, setting)}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    _save(fig, path)
+    _figure_legend(fig, list(axes.flat)[:n])
+    return fig
+
+
+def accuracy_vs_shots(summary: pd.DataFrame, average: pd.DataFrame, path: Path) -> list[Path]:
+    return save_figure(accuracy_vs_shots_figure(summary, average), path)
 
 
 def _confusion_groups(setting: str) -> list[tuple[str, str]]:
@@ -111,66 +140,66 @@ def _draw_confusion(ax, total: np.ndarray, names: list[str]) -> None:
 
 
 def run_confusion_matrix(metrics: dict, title: str, path: Path) -> None:
-    """The confusion matrices of one run (base and novel for base-to-novel), one PNG."""
+    """The confusion matrices of one run (base and novel for base-to-novel), one 300 dpi PNG."""
     plt = _pyplot()
     panels = [(prefix, label) for prefix, label in (("", ""), ("base_", "base"), ("novel_", "novel"))
               if f"{prefix}confusion_matrix" in metrics]
-    size = max(3.6, 0.55 * max(len(metrics[f"{p}class_names"]) for p, _ in panels) + 2.2)
-    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    size = _matrix_size(max(len(metrics[f"{p}class_names"]) for p, _ in panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False,
+                             layout="constrained")
     for ax, (prefix, label) in zip(axes[0], panels):
         _draw_confusion(ax, np.asarray(metrics[f"{prefix}confusion_matrix"], dtype=float),
                         metrics[f"{prefix}class_names"])
         ax.set_title(f"{title}{', ' + label if label else ''}", fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path, vector=False)
 
 
-def confusion_matrices(runs: pd.DataFrame, best: dict, dataset: str, setting: str,
-                       path: Path) -> list[dict]:
-    """One panel per method (columns) and class group (rows: base/novel for base-to-novel): the
-    confusion matrix at the method's best K, summed over that K's seeds, shown row-normalised
-    (% of the true class) with counts. Returns what was drawn (method, shots, seeds)."""
+def _matrix_size(n_classes: int) -> float:
+    """Inches per matrix panel: room for ~0.6 inch per cell and the class names."""
+    return max(3.8, 0.62 * n_classes + 2.4)
+
+
+def confusion_matrix_figure(runs: pd.DataFrame, best: dict, dataset: str, setting: str,
+                            method: str):
+    """One method's confusion matrix at its best K, summed over that K's seeds, row-normalised
+    (% of the true class) with counts; base-to-novel: base and novel side by side. Returns the
+    figure and what was drawn (method, shots, seeds)."""
     plt = _pyplot()
-    part = runs[(runs.dataset == dataset) & (runs.setting == setting)]
-    methods = sorted(part.method.unique(), key=method_rank)
-    groups = _confusion_groups(setting)
-    drawn = []
-    matrices = {}
-    for method in methods:
-        k = best[(dataset, setting, method)]
-        chosen = part[(part.method == method) & (part.shots == k)]
-        drawn.append({"method": method, "shots": k, "seeds": sorted(chosen.seed.tolist())})
-        for prefix, _ in groups:
-            total, names = None, None
-            for run_dir in chosen.run_dir:
-                metrics = read_json(Path(run_dir) / layout.METRICS)
-                if f"{prefix}confusion_matrix" not in metrics:
-                    continue
-                cm = np.asarray(metrics[f"{prefix}confusion_matrix"], dtype=float)
-                total = cm if total is None else total + cm
-                names = metrics.get(f"{prefix}class_names") or [str(i) for i in range(len(cm))]
-            matrices[(method, prefix)] = (total, names)
-    n_classes = max((len(n) for _, n in matrices.values() if n), default=2)
-    size = max(3.6, 0.55 * n_classes + 2.2)
-    fig, axes = plt.subplots(len(groups), len(methods), figsize=(size * len(methods), size *
-                             len(groups)), squeeze=False)
-    for col, (method, info) in enumerate(zip(methods, drawn)):
-        for row, (prefix, group_label) in enumerate(groups):
-            ax = axes[row][col]
-            total, names = matrices[(method, prefix)]
-            if total is None:
-                ax.set_axis_off()
+    part = runs[(runs.dataset == dataset) & (runs.setting == setting) & (runs.method == method)]
+    k = best[(dataset, setting, method)]
+    chosen = part[part.shots == k]
+    seeds = sorted(chosen.seed.tolist())
+    drawn = {"method": method, "shots": k, "seeds": seeds}
+    panels = []
+    for prefix, group_label in _confusion_groups(setting):
+        total, names = None, None
+        for run_dir in chosen.run_dir:
+            metrics = read_json(Path(run_dir) / layout.METRICS)
+            if f"{prefix}confusion_matrix" not in metrics:
                 continue
-            _draw_confusion(ax, total, names)
-            seeds = info["seeds"]
-            title = f"{method_label(method)}, K={info['shots']}"
-            title += (f"\n{len(seeds)} seeds summed" if len(seeds) > 1
-                      else f"\nseed {seeds[0]}" if seeds else "")
-            if group_label:
-                title += f", {group_label}"
-            ax.set_title(title, fontsize=11)
-    fig.suptitle(f"{dataset} — {SETTING_LABELS.get(setting, setting)}: confusion matrices at "
-                 "each method's best K", fontsize=12)
-    _save(fig, path)
+            cm = np.asarray(metrics[f"{prefix}confusion_matrix"], dtype=float)
+            total = cm if total is None else total + cm
+            names = metrics.get(f"{prefix}class_names") or [str(i) for i in range(len(cm))]
+        if total is not None:
+            panels.append((total, names, group_label))
+    size = _matrix_size(max((len(n) for _, n, _ in panels), default=2))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(size * max(len(panels), 1), size),
+                             squeeze=False, layout="constrained")
+    for ax, (total, names, group_label) in zip(axes[0], panels):
+        _draw_confusion(ax, total, names)
+        if group_label:
+            ax.set_title(group_label, fontsize=11)
+    which = (f"{len(seeds)} seeds summed" if len(seeds) > 1 else f"seed {seeds[0]}" if
+             method != "zero_shot" and seeds else "one run")
+    fig.suptitle(f"{dataset} — {SETTING_LABELS.get(setting, setting)}: {method_label(method)}, "
+                 f"K={k} ({which})", fontsize=12)
+    return fig, drawn
+
+
+def confusion_matrix(runs: pd.DataFrame, best: dict, dataset: str, setting: str, method: str,
+                     path: Path) -> dict:
+    fig, drawn = confusion_matrix_figure(runs, best, dataset, setting, method)
+    save_figure(fig, path)
     return drawn
 
 
@@ -190,16 +219,18 @@ def reliability(predictions: pd.DataFrame, bins: int = RELIABILITY_BINS) -> pd.D
     return pd.DataFrame(rows)
 
 
-def reliability_curves(runs: pd.DataFrame, best: dict, setting: str, path: Path) -> None:
+def reliability_figure(runs: pd.DataFrame, best: dict, setting: str):
     """Panel per dataset: accuracy versus confidence per method, at its best K, predictions of
     all that K's seeds pooled (base-to-novel: base and novel test images pooled), with the
-    diagonal of perfect calibration and the mean ECE over those seeds in the legend."""
+    diagonal of perfect calibration; each panel's legend (with the mean ECE over those seeds)
+    sits below it."""
     plt = _pyplot()
     part = runs[runs.setting == setting]
     datasets = sorted(part.dataset.unique())
     cols = min(len(datasets), 3)
     rows = math.ceil(len(datasets) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 5.6 * rows), squeeze=False,
+                             layout="constrained")
     colors = _colors(sorted(part.method.unique(), key=method_rank))
     for ax, dataset in zip(axes.flat, datasets):
         ax.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1, label="perfect")
@@ -220,11 +251,16 @@ def reliability_curves(runs: pd.DataFrame, best: dict, setting: str, path: Path)
                     label=label)
         ax.set_xlim(0, 1.02)
         ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
         ax.set_xlabel("confidence (max. class probability)")
         ax.set_ylabel("accuracy")
         ax.set_title(f"{dataset} — {SETTING_LABELS.get(setting, setting)}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=9, frameon=False)
     for ax in list(axes.flat)[len(datasets):]:
         ax.set_visible(False)
-    _save(fig, path)
+    return fig
+
+
+def reliability_curves(runs: pd.DataFrame, best: dict, setting: str, path: Path) -> list[Path]:
+    return save_figure(reliability_figure(runs, best, setting), path)

@@ -26,7 +26,8 @@ nav a{margin-right:1em}.kv td:first-child{font-weight:600}
 
 
 def data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    kind = "svg+xml" if Path(path).suffix == ".svg" else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def key_values(rows: list[tuple[str, str]]) -> str:
@@ -36,14 +37,17 @@ def key_values(rows: list[tuple[str, str]]) -> str:
 
 def render_page(study: str, config: dict | None, config_facts: list[tuple[str, str]],
                 sections: list[tuple[str, list[Table]]], comparison: Table | None,
-                figures: list[tuple[Path, str]], provenance: dict, interpretation: str = "") -> str:
-    """sections: (title, tables); figures: (png path, caption); interpretation: the HTML of
-    :func:`interpretation_section` or empty."""
+                figures: list[tuple[Path, str]], provenance: dict, interpretation: str = "",
+                datasets: Table | None = None) -> str:
+    """sections: (title, tables); figures: (SVG or PNG path, caption; the PNG beside an SVG is
+    named under it); interpretation: the HTML of :func:`interpretation_section` or empty;
+    datasets: the dataset table."""
     parts = [f"<h1>Study report: {escape(study)}</h1>",
              f"<p>Generated {escape(provenance.get('report_date', ''))} by clipsvd "
              f"{escape(provenance.get('report_packages', {}).get('clipsvd', ''))} from "
              f"{provenance.get('n_runs', 0)} runs.</p>",
-             "<nav><a href='#config'>Configuration</a><a href='#tables'>Tables</a>"
+             "<nav><a href='#config'>Configuration</a><a href='#datasets'>Datasets</a>"
+             "<a href='#tables'>Tables</a>"
              "<a href='#statistics'>Statistics</a><a href='#figures'>Figures</a>"
              + ("<a href='#interpretation'>Interpretation</a>" if interpretation else "")
              + "<a href='#provenance'>Provenance</a></nav>",
@@ -52,6 +56,9 @@ def render_page(study: str, config: dict | None, config_facts: list[tuple[str, s
         text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
         parts.append(f"<details><summary>Full resolved configuration</summary><pre>"
                      f"{escape(text)}</pre></details>")
+    parts.append("<h2 id='datasets'>Datasets</h2>")
+    parts.append(datasets.html() if datasets is not None and datasets.rows else
+                 "<p>No dataset table: the runs' prepared stores were not found.</p>")
     parts.append("<h2 id='tables'>Tables</h2>")
     for title, tables in sections:
         parts.append(f"<h3>{escape(title)}</h3>")
@@ -62,8 +69,11 @@ def render_page(study: str, config: dict | None, config_facts: list[tuple[str, s
                  "with matching runs.</p>")
     parts.append("<h2 id='figures'>Figures</h2>")
     for path, caption in figures:
+        files = f"{Path(path).name}" + (f", {Path(path).with_suffix('.png').name} (300 dpi)"
+                                        if Path(path).suffix == ".svg" else "")
         parts.append(f"<figure><img src='{data_uri(path)}' alt='{escape(caption)}'>"
-                     f"<figcaption>{escape(caption)}</figcaption></figure>")
+                     f"<figcaption>{escape(caption)} <span class='file'>Files: "
+                     f"{escape(files)}.</span></figcaption></figure>")
     if interpretation:
         parts.append(interpretation)
     parts.append("<h2 id='provenance'>Provenance</h2>")

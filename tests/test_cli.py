@@ -1,0 +1,83 @@
+"""The command line: help for every argument, --version, a console free of library chatter."""
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import clipsvd
+from clipsvd import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_every_argument_of_every_subcommand_has_help():
+    """Catches: an option added without help= (as --split, --store, --run-dir, --dataset were)."""
+    commands = subcommands()
+    assert {"validate", "demo-data", "prepare", "sample", "features", "adapt", "evaluate",
+            "interpret", "sync", "report"} <= set(commands)
+    missing = [f"{name} {action.option_strings or action.dest}"
+               for name, parser in commands.items() for action in parser._actions
+               if not isinstance(action, argparse._HelpAction)
+               and (not action.help or action.help == argparse.SUPPRESS)]
+    assert not missing
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"clipsvd {clipsvd.__version__}"
+
+
+def test_library_chatter_stays_out_of_the_console(tmp_path, capfd):
+    """open_clip's INFO lines and the expected random-weights warning reach the job log at
+    DEBUG, not the console; clipsvd's own lines reach both. Catches: a console handler without
+    the filter, open_clip's root-logger INFO printed, the random-init warning as a WARNING."""
+    from clipsvd.models import load_model
+
+    log_file = tmp_path / "job.log"
+    try:
+        cli._setup_logging(str(log_file))
+        logging.getLogger("clipsvd.test").info("our own progress line")
+        load_model("tiny-clip")  # open_clip logs "Parsing model identifier…" on the root logger
+        logging.getLogger("some.library").warning("a library warning")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        console = capfd.readouterr().err
+        logged = log_file.read_text()
+    finally:
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])
+    assert "our own progress line" in console and "a library warning" in console
+    assert "Parsing model identifier" not in console
+    assert "initialized randomly" not in console
+    assert "DEBUG root: Parsing model identifier" in logged
+    assert "our own progress line" in logged and "initialized randomly" in logged
+
+
+def test_demo_data_without_a_config(tmp_path):
+    """`clipsvd demo-data --out DIR` makes the data the template study's comment asks for."""
+    out = tmp_path / "my_scans"
+    assert cli.main(["demo-data", "--out", str(out), "--per-class", "4"]) == 0
+    lines = (out / "manifest.csv").read_text().splitlines()
+    assert lines[0] == "path,label,group" and len(lines) == 1 + 4 * 4
+
+
+def test_demo_data_needs_an_out_dir_without_a_config(capsys):
+    assert cli.main(["demo-data"]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+
+
+def test_help_runs_for_every_subcommand():
+    for name in subcommands():
+        result = subprocess.run([sys.executable, "-m", "clipsvd", name, "--help"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0 and "--config" in result.stdout, name
