@@ -635,6 +635,9 @@ def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
         raise
     unexpected = [message for message in warned
                   if not _expected_warning(message, request, weights is None)]
+    for message in warned:
+        if message not in unexpected:  # what was asked for: kept in the log file, not the console
+            log.debug("open_clip: %s", message.splitlines()[0])
     if unexpected:
         raise ModelError(f"open_clip warned while building {name!r}"
                          f"{f' ({pretrained})' if pretrained else ''}: "
