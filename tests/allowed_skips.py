@@ -38,6 +38,13 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _has_jpeg_ls_decoder() -> bool:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    return get_decoder(JPEGLSLossless).is_available
+
+
 @dataclass(frozen=True)
 class AllowedSkip:
     reason: str  # a regular expression for the whole reason
@@ -64,6 +71,10 @@ ALLOWED_SKIPS: tuple[AllowedSkip, ...] = (
                           "touching a real SLURM configuration"),
                 lambda: Path("/etc/slurm/slurm.conf").exists(),
                 "the host has a SLURM configuration of its own"),
+    AllowedSkip(re.escape("root writes to read-only folders"), _root,
+                "the tests run as root (a permission test; the EROFS case is simulated anyway)"),
+    AllowedSkip(re.escape("a JPEG-LS decoder is installed here"), _has_jpeg_ls_decoder,
+                "a JPEG-LS plugin for pydicom is installed (the test needs one missing)"),
 )
 
 
