@@ -104,8 +104,10 @@ def test_ended_jobs_are_reported_and_running_ones_kept(executor, tmp_path):
     assert still == ["2", "7"]
     assert executor.successes == ["5"]
     assert set(executor.errors) == {"1", "3", "4"}
-    assert executor.errors["1"].startswith("SLURM job 1 ended CANCELLED by 0; cause: clipsvd "
-                                           "adapt: error: loss became nan at step 2 of 40")
+    rule_log = tmp_path / "rule-1.log"
+    assert executor.errors["1"] == ("SLURM job 1 ended CANCELLED by 0; cause: clipsvd adapt: "
+                                    "error: loss became nan at step 2 of 40 "
+                                    f"(from {rule_log}). ")
     assert "ended PREEMPTED" in executor.errors["3"] and "ended TIMEOUT" in executor.errors["4"]
     assert all("\n" not in msg for msg in executor.errors.values())
 
@@ -204,11 +206,12 @@ def test_failure_cause_prefers_the_clipsvd_error_line(tmp_path):
     rule_log.write_text("INFO start\n")
     slurm_log.write_text("Traceback (most recent call last):\n  File x\n"
                          "RuntimeError: CUDA error: out of memory\n")
-    assert slurm.failure_cause([rule_log], slurm_log) == "RuntimeError: CUDA error: out of memory"
-    slurm_log.write_text("slurmstepd: error: Detected 1 oom_kill event in StepId=5.batch. "
-                         "Some of the step tasks have been OOM Killed.\n")
-    assert "oom_kill" in slurm.failure_cause([rule_log], slurm_log)
+    assert slurm.failure_cause([rule_log], slurm_log) == (
+        "RuntimeError: CUDA error: out of memory", str(slurm_log))
+    slurm_log.write_text("slurmstepd-node7: error: Detected 1 oom_kill event in StepId=5.batch."
+                         " Some of the step tasks have been OOM Killed.\n")
+    assert "oom_kill" in slurm.failure_cause([rule_log], slurm_log)[0]
     rule_log.write_text("clipsvd prepare: error: data/x: manifest not found\n")
-    assert slurm.failure_cause([rule_log], slurm_log) == ("clipsvd prepare: error: data/x: "
-                                                          "manifest not found")
+    assert slurm.failure_cause([rule_log], slurm_log) == (
+        "clipsvd prepare: error: data/x: manifest not found", str(rule_log))
     assert slurm.failure_cause([tmp_path / "missing.log"], None) is None

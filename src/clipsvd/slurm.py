@@ -71,20 +71,21 @@ def _tail(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def failure_cause(rule_logs: Iterable[str | Path], slurm_log: str | Path | None) -> str | None:
-    """The one line that says why a job failed, from its rule's log and its SLURM log."""
-    rule_lines = [line for path in rule_logs for line in _tail(path)]
-    slurm_lines = _tail(slurm_log) if slurm_log else []
-    for lines, pattern in ((rule_lines, _CLIPSVD_ERROR), (slurm_lines, _CLIPSVD_ERROR),
-                           (slurm_lines, _SLURMSTEPD), (slurm_lines, _EXCEPTION),
-                           (rule_lines, _EXCEPTION)):
-        for line in reversed(lines):
+def failure_cause(rule_logs: Iterable[str | Path],
+                  slurm_log: str | Path | None) -> tuple[str, str] | None:
+    """The one line that says why a job failed, and the file it is from: the rule's log and
+    its SLURM log, most telling line first."""
+    rule = [(line, str(path)) for path in rule_logs for line in _tail(path)]
+    slurm = [(line, str(slurm_log)) for line in _tail(slurm_log)] if slurm_log else []
+    for lines, pattern in ((rule, _CLIPSVD_ERROR), (slurm, _CLIPSVD_ERROR), (slurm, _SLURMSTEPD),
+                           (slurm, _EXCEPTION), (rule, _EXCEPTION)):
+        for line, path in reversed(lines):
             match = pattern.search(line)
             if match:
-                return match.group(0)[:300]
-    for line in reversed(rule_lines):
+                return match.group(0)[:300], path
+    for line, path in reversed(rule):
         if " ERROR " in line:
-            return line[:300]
+            return line[:300], path
     return None
 
 
@@ -147,23 +148,26 @@ def parse_sinfo(name: str, text: str) -> PartitionLimits | None:
 _PARTITIONS: dict[str, PartitionLimits | None] = {}
 
 
+def _sinfo(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["sinfo", "-h", *args], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
 def partition_limits(name: str) -> PartitionLimits | None:
     """The partition's limits from sinfo (the default partition for ''), cached; None when
     sinfo cannot tell."""
+    if not name:  # the plugin submits to the cluster's default partition, marked with '*'
+        listing = _sinfo("-o", "%P") or ""
+        name = next((p.rstrip("*") for p in listing.split() if p.endswith("*")), "")
+        if not name:
+            return None
     if name not in _PARTITIONS:
-        command = ["sinfo", "-h", "-N", "-o", "%c|%m|%l|%G"] + (["-p", name] if name else [])
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            result = None
-        if not name and result is not None and result.returncode == 0:
-            default = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True,
-                                     text=True, timeout=30).stdout.split()
-            name = next((p.rstrip("*") for p in default if p.endswith("*")), "")
-            if name:
-                return partition_limits(name)
-        ok = result is not None and result.returncode == 0
-        _PARTITIONS[name] = parse_sinfo(name, result.stdout) if ok else None
+        text = _sinfo("-N", "-p", name, "-o", "%c|%m|%l|%G")
+        _PARTITIONS[name] = parse_sinfo(name, text) if text is not None else None
     return _PARTITIONS[name]
 
 
@@ -358,10 +362,9 @@ def _with_cause(job_info, msg: str | None, raw_states: Mapping[str, str]) -> str
     if not job_id:
         return msg
     cause = failure_cause(rule_logs, slurm_log)
-    where = ", ".join(rule_logs) or str(slurm_log)
     if cause:
-        return f"{msg}; cause: {cause} (from {where}). "
-    return f"{msg}; no error line in {where}. "
+        return f"{msg}; cause: {cause[0]} (from {cause[1]}). "
+    return f"{msg}; no error line in {', '.join(rule_logs + [str(slurm_log)])}. "
 
 
 def _refused(executor, job) -> bool:
