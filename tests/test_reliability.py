@@ -611,7 +611,8 @@ def test_schema_and_wildcard_constraints_agree():
             {"name": accepted, "format": "folder", "root": "data"}]})
 
 
-SAFE_UNQUOTED = {"params.cli", "threads", "params.features"}  # features: shlex.quote'd itself
+SAFE_UNQUOTED = {"params.cli", "threads", "params.features",  # features: shlex.quote'd itself
+                 "params.image_size"}  # "--image-size <int>" or nothing
 
 
 def test_shell_commands_quote_config_derived_values():
@@ -633,16 +634,33 @@ def test_shell_commands_quote_config_derived_values():
     assert "shlex.quote(str(Path(workflow.basedir, 'src')))" in common
 
 
-def test_slurm_profile_retries_with_more_memory():
+def test_slurm_profile_retries_with_more_memory(monkeypatch):
+    """A retry asks for more memory and time than the first attempt, and never more than the
+    caps (CLIPSVD_SLURM_MAX_MEM_MB, CLIPSVD_SLURM_MAX_RUNTIME). Breaks it catches: a retry
+    that asks the same (an out-of-memory job fails again) or more than the cap (sbatch
+    refuses it, or it pends for ever)."""
+    from clipsvd import architectures, job_resources
+
     profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml")
                              .read_text(encoding="utf-8"))
     assert profile["retries"] >= 1
 
-    def mem(expression, attempt):
-        return eval(str(expression), {"__builtins__": __builtins__}, {"attempt": attempt})
+    def runtime(expression, attempt):
+        return eval(os.path.expandvars(str(expression)), {"__builtins__": __builtins__},
+                    {"attempt": attempt})
 
-    assert mem(profile["default-resources"]["mem_mb"], 2) > mem(
-        profile["default-resources"]["mem_mb"], 1)
+    inputs = job_resources.MemoryInputs(architectures.describe("ViT-B-16"), 32, 10)
+    first = job_resources.memory_request_mb("adapt", inputs, 1)
+    assert job_resources.memory_request_mb("adapt", inputs, 2) > first
+    assert job_resources.memory_request_mb("adapt", inputs, 2, cap=first + 500) == first + 500
     for rule in ("prepare", "adapt", "evaluate"):
-        expression = profile["set-resources"][rule]["mem_mb"]
-        assert mem(expression, 2) > mem(expression, 1), rule
+        expression = profile["set-resources"][rule]["runtime"]
+        assert runtime(expression, 2) > runtime(expression, 1), rule
+        monkeypatch.setenv("CLIPSVD_SLURM_MAX_RUNTIME", str(runtime(expression, 1)))
+        assert runtime(expression, 2) == runtime(expression, 1), rule
+        monkeypatch.delenv("CLIPSVD_SLURM_MAX_RUNTIME")
+    for rule, expression in profile["set-threads"].items():
+        monkeypatch.setenv("CLIPSVD_SLURM_MAX_THREADS", "2")
+        assert runtime(expression, 1) == 2, rule
+        monkeypatch.delenv("CLIPSVD_SLURM_MAX_THREADS")
+        assert runtime(expression, 1) >= 4, rule

@@ -174,7 +174,8 @@ def run_record(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any
     if git:
         tags["git_commit"] = str(git["git_commit"])
     provenance = {**git, "packages": package_versions(), "config_hash": cfg.fingerprint(),
-                  "model_fingerprint": model_fingerprint, "split_sha256": file_sha256(split_path),
+                  "model_fingerprint": model_fingerprint, "split_path": str(split_path),
+                  "split_sha256": file_sha256(split_path),
                   "device": device, "gpu_slot": claimed_gpu_slot()}
     return {"tags": tags, "provenance": provenance}
 

@@ -9,10 +9,23 @@ from pathlib import Path
 
 RESULTS = "results"
 STUDY_CONFIG = RESULTS + "/studies/{study}.json"  # the resolved config the study's jobs read
-RAW = RESULTS + "/raw/{dataset}"
-STORE = RESULTS + "/prepared/{dataset}"
-FEATURES = RESULTS + "/features/{dataset}/{model}.npy"  # frozen image features, store order
-SPLIT = RESULTS + "/splits/{dataset}/{setting}/shots{shots}_seed{seed}.json"
+# What several studies share is keyed by what decides it, never by a study: {preparation} is
+# the store key (clipsvd.data.fingerprint.store_key: preparation settings, image size, demo
+# settings), {sampling} the sampling key (sampling_key), {model} a model's slug and {batch}
+# the batch size the features were computed with. A study that asks for the same thing finds
+# the same file; one that asks for something else gets another path, so it never overwrites
+# (or, when its job fails, deletes) a file another study uses.
+RAW = RESULTS + "/raw/{dataset}"  # a generated demo dataset (its root in the config)
+STORE = RESULTS + "/prepared/{dataset}/{preparation}"
+FEATURES = RESULTS + "/features/{dataset}/{preparation}/{model}_batch{batch}.npy"  # store order
+SPLIT = (RESULTS + "/splits/{dataset}/{preparation}/{sampling}/{setting}/"
+         "shots{shots}_seed{seed}.json")
+# The config file each shared step's job reads (clipsvd.step_configs), keyed like its output.
+SHARED_CONFIGS = RESULTS + "/studies/shared"
+DEMO_CONFIG = SHARED_CONFIGS + "/demo_data/{dataset}/{demo}.json"
+PREPARE_CONFIG = SHARED_CONFIGS + "/prepare/{dataset}/{preparation}.json"
+SAMPLE_CONFIG = SHARED_CONFIGS + "/sample/{dataset}/{preparation}/{sampling}.json"
+FEATURES_CONFIG = SHARED_CONFIGS + "/features/{dataset}/{preparation}/{model}_batch{batch}.json"
 RUN = RESULTS + "/runs/{study}/{dataset}/{method}/{setting}/shots{shots}/seed{seed}"
 REPORT = RESULTS + "/report/{study}"
 MLFLOW_DB = RESULTS + "/mlflow.db"

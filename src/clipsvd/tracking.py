@@ -366,9 +366,13 @@ def sync(study: str, uri: str | None) -> dict[str, int]:
         run_dir = record_path.parent
         if not (run_dir / layout.METRICS).exists():
             continue
-        tags = read_json(record_path)["tags"]
-        split = Path(layout.SPLIT.format(**{k: tags[k] for k in ("dataset", "setting", "shots", "seed")}))
-        extra = tuple(p for p in (split, *sorted(run_dir.glob("*.log"))) if p.exists())
+        record = read_json(record_path)
+        tags = record["tags"]
+        # The split file's path is keyed by the store and sampling (clipsvd.layout); the run
+        # records it. A record from before that has none: its split is not attached.
+        split = record.get("provenance", {}).get("split_path")
+        logs = sorted(run_dir.glob("*.log"))
+        extra = tuple(p for p in ([Path(split)] if split else []) + logs if p.exists())
         result = mirror_run(run_dir, tags, uri, True, extra)
         counts[result["status"]] += 1
         reasons.append(result.get("reason", ""))

@@ -1,4 +1,5 @@
-# Frozen features, adaptation (GPU when there is one) and evaluation of every run.
+# Frozen features (shared by every study with the same store, model and batch size: keyed by
+# them, clipsvd.layout), adaptation (GPU when there is one) and evaluation of every run.
 
 
 rule features:
@@ -7,21 +8,20 @@ rule features:
     output:
         layout.FEATURES,
     log:
-        "results/logs/features/{dataset}/{model}.log",
+        "results/logs/features/{dataset}/{preparation}/{model}_batch{batch}.log",
     benchmark:
-        "results/benchmarks/features/{dataset}/{model}.tsv"
+        "results/benchmarks/features/{dataset}/{preparation}/{model}_batch{batch}.tsv"
     conda:
         CONDA_ENV
     threads: STUDY.threads
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=job_memory("features"),
         runtime=60,
     params:
         cli=CLIPSVD,
-        config=CONFIG_FILE,
-        store=lambda w: layout.STORE.format(dataset=w.dataset),
-        model=lambda w: STUDY.model,
+        config=shared_config(layout.FEATURES_CONFIG),
+        store=lambda w, input: str(Path(input[0]).parent),
     shell:
         "{params.cli} features --config {params.config:q} --store {params.store:q} "
         "--out {output:q} --threads {threads} --log {log:q}"
@@ -29,7 +29,7 @@ rule features:
 
 rule adapt:
     input:
-        split=layout.SPLIT,
+        split=split_file,
         store=store_files,
     output:
         adapter=f"{layout.RUN}/{layout.ADAPTER}",
@@ -46,12 +46,12 @@ rule adapt:
     threads: STUDY.threads
     resources:
         gpu=1,
-        mem_mb=8000,
+        mem_mb=job_memory("adapt"),
         runtime=120,
     params:
         cli=CLIPSVD,
         config=CONFIG_FILE,
-        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        store=lambda w, input: str(Path(input.store[0]).parent),
         run_dir=lambda w, output: str(Path(output.adapter).parent),
         training=training_hash,
     shell:
@@ -78,12 +78,12 @@ rule evaluate:
     threads: STUDY.threads
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=job_memory("evaluate"),
         runtime=60,
     params:
         cli=CLIPSVD,
         config=CONFIG_FILE,
-        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        store=lambda w, input: str(Path(input.store[0]).parent),
         run_dir=lambda w, output: str(Path(output.metrics).parent),
         features=lambda w, input: (
             f"--features {shlex.quote(input.features)}"
@@ -100,7 +100,7 @@ rule evaluate:
 rule interpret:
     input:
         adapter=f"{layout.RUN}/{layout.ADAPTER}",
-        split=layout.SPLIT,
+        split=split_file,
         store=store_files,
     output:
         f"{layout.RUN}/interpret/interpret.json",
@@ -114,12 +114,12 @@ rule interpret:
         CONDA_ENV
     threads: STUDY.threads
     resources:
-        mem_mb=4000,
+        mem_mb=job_memory("interpret"),
         runtime=60,
     params:
         cli=CLIPSVD,
         config=CONFIG_FILE,
-        store=lambda w: layout.STORE.format(dataset=w.dataset),
+        store=lambda w, input: str(Path(input.store[0]).parent),
         run_dir=lambda w, input: str(Path(input.adapter).parent),
         settings=lambda w: STUDY.interpret,
     shell:

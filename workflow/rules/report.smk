@@ -93,6 +93,8 @@ rule report:
         "results/logs/report/{study}.log",
     conda:
         CONDA_ENV
+    resources:
+        mem_mb=job_memory("report"),
     params:
         cli=CLIPSVD,
         config=CONFIG_FILE,

@@ -42,3 +42,30 @@ def preparation_fingerprint(dataset: DatasetConfig, image_size: int) -> str:
     """
     text = json.dumps(preparation_parameters(dataset, image_size), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def store_key(dataset: DatasetConfig, image_size: int | None, model_name: str,
+              pretrained: str | None) -> str:
+    """The key of the prepared store a study asks for (its folder under results/prepared/).
+
+    Everything that decides the store's content and nothing else: the preparation parameters at
+    the model's input size, and for a generated demo dataset its generator settings (they decide
+    the raw files). When the input size cannot be read offline (a hub model not in
+    clipsvd.architectures), the model's name stands in for it, so the key stays the same from
+    one run to the next.
+    """
+    params = preparation_parameters(dataset, image_size if image_size is not None else 0)
+    if image_size is None:
+        params["image_size"] = f"the input size of {model_name} ({pretrained or 'random'})"
+    if dataset.demo is not None:
+        params["demo"] = _plain(asdict(dataset.demo))
+    return _digest(params)
+
+
+def sampling_key(sampling: Any) -> str:
+    """The key of a few-shot sampling policy (its folder under a store's split files)."""
+    return _digest(_plain(asdict(sampling)))
+
+
+def _digest(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
