@@ -253,16 +253,21 @@ def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
     ``name``: an open_clip name (``ViT-B-16``, ``tiny-clip``), ``hf-hub:org/repo`` or
     ``local-dir:/folder``. ``pretrained``: an open_clip tag (``openai``), a local checkpoint
     file (.safetensors, or .pt/.bin read with ``weights_only=True``), or None for random
-    weights. Random initialisation runs under ``torch.manual_seed(init_seed)`` inside a forked
-    RNG, so equal seeds give identical weights and the caller's RNG stream is untouched.
+    weights. Random initialisation draws from the CPU generator seeded with ``init_seed`` inside a
+    forked RNG, so equal seeds give identical weights and the caller's RNG streams (CPU and
+    CUDA) are untouched.
     """
     pretrained = pretrained or None
     checkpoint = _check_request(name, pretrained)
     remote = name.startswith(HF_HUB_PREFIX) or (pretrained is not None and checkpoint is None)
     require = name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) or pretrained is not None
     try:
+        # Only the CPU generator is seeded (and restored by fork_rng): torch.manual_seed would
+        # also reseed every CUDA generator, which fork_rng(devices=[]) leaves at init_seed, so
+        # every run would draw the same CUDA stream (dropout masks) whatever its own seed.
+        # The weights are initialised on the CPU before any move to ``device``.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+            torch.random.default_generator.manual_seed(init_seed)
             # pretrained_text=False: a Hugging Face text tower (BiomedCLIP's BERT) gets its
             # weights from the CLIP checkpoint or stays random, never a separate hub download.
             model = open_clip.create_model(name, pretrained=pretrained, device=device,
