@@ -110,6 +110,20 @@ def test_under_slurm_the_scheduler_decides(slot_env, monkeypatch):
     assert not Path(os.environ[devices.LOCK_DIR_ENV]).exists()
 
 
+def test_a_job_given_several_gpus_says_it_uses_one(slot_env, monkeypatch, caplog):
+    """Under SLURM with two GPUs in the allocation the job computes on the first and warns
+    that the other stays idle (CUDA itself is not touched: device count and availability are
+    stand-ins). Break caught: the silent use of one GPU of several."""
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="clipsvd"):
+        with acquire_device("auto") as device:
+            assert device == torch.device("cuda")
+    assert "2 GPUs are visible but a job computes on one (cuda)" in caplog.text
+    assert "CLIPSVD_SLURM_GPUS=1" in caplog.text
+
+
 def test_bad_device_and_fake_count_are_one_line_errors(slot_env, monkeypatch):
     with pytest.raises(ConfigError, match="key 'device'"):
         with acquire_device("gpu"):

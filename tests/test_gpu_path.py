@@ -304,8 +304,23 @@ def test_the_training_loop_reads_the_device_only_at_reports(toy, tmp_path, monke
                                                             caplog):
     """The loop queues each step's loss and accuracy on the device and reads them back at its
     progress reports (first and last step, and every 10 s) and once at the end, not every
-    step. Break caught: the per-step `.item()` calls and `if not torch.isfinite(loss)`."""
-    reads = []
+    step; the prompts are tokenized (and their tokens copied to the device) once per run.
+    Break caught: the per-step `.item()` calls and `if not torch.isfinite(loss)`; the prompts
+    tokenized every step (a synchronous host-to-device copy each step on a GPU)."""
+    reads, tokenized = [], []
+    real_load = train.load_model
+
+    def load_counting_tokenizer(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        tokenizer = loaded.tokenizer
+
+        def counting(prompts):
+            tokenized.append(len(prompts))
+            return tokenizer(prompts)
+        loaded.tokenizer = counting
+        return loaded
+
+    monkeypatch.setattr(train, "load_model", load_counting_tokenizer)
     train_file = str(Path(train.__file__))
 
     def counting(name):
@@ -328,6 +343,7 @@ def test_the_training_loop_reads_the_device_only_at_reports(toy, tmp_path, monke
     assert summary["total_steps"] == 120 and 2 <= reports < 60
     # per report: the finite check, the loss and the accuracy read; then the history, twice
     assert len(reads) == 3 * reports + 2, (reports, reads)
+    assert tokenized == [4]  # once: the 4 classes' prompts
 
 
 # ----------------------------------------------------------------------------- out of memory

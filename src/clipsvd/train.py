@@ -11,7 +11,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,24 @@ def class_logits(scale: torch.Tensor, image_features: torch.Tensor,
         return scale.float() * image_features.float() @ text_features.float().t()
 
 
+def tokens_moved_once(loaded: LoadedModel, device: torch.device) -> LoadedModel:
+    """``loaded`` whose tokenizer hands out each prompt list's tokens already on ``device``.
+
+    The text features are recomputed every step from the same prompts; tokenizing them anew
+    and copying the tokens from pageable host memory would make the host wait for the device
+    every step (a synchronous copy), for the same tokens.
+    """
+    tokens: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def tokenize(prompts: list[str]) -> torch.Tensor:
+        key = tuple(prompts)
+        if key not in tokens:
+            tokens[key] = to_device(loaded.tokenizer(list(prompts)), device)
+        return tokens[key]
+
+    return replace(loaded, tokenizer=tokenize)
+
+
 def _first_non_finite(losses: torch.Tensor) -> int | None:
     """The position of the first non-finite value (one host sync), or None."""
     bad = ~torch.isfinite(losses)
@@ -131,6 +149,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     log.info("training crops from %s: %d images, %d x %d px at most", origin, len(labels),
              host_images.shape[2], host_images.shape[3])
     size = loaded.image_size
+    prompts = tokens_moved_once(loaded, device)
     mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
     lr = settings.lr
@@ -186,7 +205,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                 group["lr"] = learning_rates[step]
             with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                   enabled=amp_dtype is not None):
-                text = encode_class_prompts(loaded, split["classes"], dataset_cfg.templates, device)
+                text = encode_class_prompts(prompts, split["classes"], dataset_cfg.templates,
+                                            device)
                 feats = encode_images(model, batch)
                 logits = class_logits(scale, feats, text)
                 loss = F.cross_entropy(logits, target)
