@@ -8,6 +8,7 @@ raised by stand-ins. Each test's docstring names the deliberate break it was see
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -565,10 +566,15 @@ def _first_training_batch(cfg, root: Path, tmp_path: Path, monkeypatch) -> torch
 def test_training_crop_at_full_scale_shows_the_corner_outside_the_centre_square(tmp_path,
                                                                                monkeypatch):
     """A crop at scale 1.0 of a 512 × 384 source covers the whole field of view: its top-left
-    corner holds the marker, which the stored (evaluation) centre square does not. Break
-    caught: crops cut from images.npy (the centre square) as before issue 16."""
+    corner holds the marker, which the stored (evaluation) centre square does not; train.json
+    says where the crops came from. Breaks caught: crops cut from images.npy (the centre
+    square) as before issue 16; train.json's crops_from fixed to one file, or
+    crop_source_size given as (width, height)."""
     cfg = _marker_dataset(tmp_path)
     crops = _first_training_batch(cfg, tmp_path, tmp_path, monkeypatch)
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["crops_from"] == VIEWS_FILE
+    assert summary["crop_source_size"] == [384, 512]
     assert crops.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
     # 48 of 512 columns and 48 of 384 rows at 64 px: the top-left 5 × 7 pixels are marker
     assert (crops[:, :, :7, :5] > 0.9).all()
@@ -583,9 +589,13 @@ def test_training_crop_at_full_scale_shows_the_corner_outside_the_centre_square(
 
 def test_without_training_views_crops_come_from_the_stored_square(tmp_path, monkeypatch):
     """`train_view: 0` keeps no views: training crops the stored centre square (no marker),
-    as the fallback for such stores does. Break caught: views written although disabled."""
+    as the fallback for such stores does, and train.json says so. Breaks caught: views written
+    although disabled; train.json's crops_from fixed to train_views.npy."""
     cfg = _marker_dataset(tmp_path, train_view=0)
     crops = _first_training_batch(cfg, tmp_path, tmp_path, monkeypatch)
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["crops_from"] == "images.npy"
+    assert summary["crop_source_size"] == [IMAGE_SIZE, IMAGE_SIZE]
     assert not (tmp_path / "store" / VIEWS_FILE).exists()
     assert not (tmp_path / "store" / INDEX_FILE).exists()
     assert crops.max() < 0.7

@@ -25,7 +25,7 @@ from .adapters.base import Adapter
 from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
 from .data.augment import random_resized_crops
 from .data.store import PreparedStore
-from .data.views import support_images
+from .data.views import CROP_SOURCES, support_images
 from .devices import (autocast_dtype, batch_size_on_oom, claimed_gpu_slot, gpu_memory_guard,
                       model_to_device, resolve_device, to_device)
 from .errors import ConfigError, TrainingError
@@ -146,8 +146,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                           "study config, or free the GPU of other processes"):
         images = to_device(host_images, device)
         labels_on_device = to_device(labels, device)
-    log.info("training crops from %s: %d images, %d x %d px at most", origin, len(labels),
-             host_images.shape[2], host_images.shape[3])
+    log.info("training crops from %s: %d images, %d x %d px at most", CROP_SOURCES[origin],
+             len(labels), host_images.shape[2], host_images.shape[3])
     size = loaded.image_size
     prompts = tokens_moved_once(loaded, device)
     mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
@@ -236,6 +236,9 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
         "method": method, "device": str(device), "gpu_slot": claimed_gpu_slot(), "total_steps": steps,
         "train_seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 3),
         "data_seconds": round(data_seconds, 3), "cpu_threads": torch.get_num_threads(),
+        # the store file crops were cut from, and the largest (height, width) there
+        "crops_from": origin, "crop_source_size": [int(host_images.shape[2]),
+                                                   int(host_images.shape[3])],
         "loader_fraction": round(data_seconds / max(seconds, 1e-9), 4),
         "trainable_parameters": n_trainable, "model_parameters": n_model,
         "trainable_fraction": n_trainable / n_model, "model_fingerprint": loaded.fingerprint,

@@ -150,16 +150,23 @@ class TrainingViews:
         return torch.from_numpy(images), sizes
 
 
+# What training crops were cut from, by the file they were read from (train.json's
+# ``crops_from``), in words for the log.
+CROP_SOURCES = {
+    VIEWS_FILE: "the training views (aspect kept, near source resolution)",
+    "images.npy": "the stored squares of the model's size (the store keeps no training views: "
+                  "preprocessing.train_view is 0)"}
+
+
 def support_images(store, sample_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The images training crops are cut from, for the support set ``sample_ids`` of a
     :class:`~clipsvd.data.store.PreparedStore`: N × 3 × H × W uint8 (zero-padded), their
-    N × 2 (height, width), and a phrase saying where they came from (for the log)."""
+    N × 2 (height, width), and the store file they came from (a key of CROP_SOURCES)."""
     rows = store.rows(sample_ids)
     views = TrainingViews.open(store.path)
     if views is not None:
         images, sizes = views.stack(rows)
-        return images, sizes, "the training views (aspect kept, near source resolution)"
+        return images, sizes, VIEWS_FILE
     images = torch.from_numpy(np.ascontiguousarray(store.images[rows]))
     sizes = torch.tensor([list(images.shape[2:])] * len(rows), dtype=torch.int64).reshape(-1, 2)
-    return images, sizes, ("the stored squares of the model's size (the store keeps no training "
-                           "views: preprocessing.train_view is 0)")
+    return images, sizes, "images.npy"
