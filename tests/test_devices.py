@@ -317,8 +317,10 @@ def test_interpret_jobs_hold_slots_of_their_own(local_default_study):
     assert len(logs) == 6
     uses = slot_intervals(logs)
     assert sum(len(v) for v in uses.values()) == 6 and set(uses) <= {0, 1}
-    everything = slot_intervals(sorted((local_default_study / "results").rglob("*.log")))
-    assert_no_shared_slot(everything)
+    results = local_default_study / "results"  # not mlartifacts/, which holds copies
+    everything = sorted((results / "runs").rglob("*.log")) + sorted(
+        (results / "logs").rglob("*.log"))
+    assert_no_shared_slot(slot_intervals(everything))
 
 
 # --- the SLURM profile (static: its YAML, no cluster) ------------------------------------------
