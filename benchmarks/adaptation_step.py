@@ -3,6 +3,14 @@
     .venv/bin/python benchmarks/adaptation_step.py                  # batch 32, 2 warm-up + 5 timed
     .venv/bin/python benchmarks/adaptation_step.py --batch 8 --quick
     .venv/bin/python benchmarks/adaptation_step.py --device cuda --precision bf16   # on a GPU
+    .venv/bin/python benchmarks/adaptation_step.py --device cuda:1 --precision fp16 --peak-tflops 312
+
+On a GPU the step runs under autocast (bf16, or fp16 with a gradient scaler, as training does),
+with the logits and the loss in float32 (``clipsvd.train.class_logits``); the GPU measured is
+the one ``--device`` names (its name and index are printed and stored). Its fraction of the
+data-sheet peak needs the exact device name in ``PEAK_TFLOPS``, or ``--peak-tflops``: the
+script refuses to guess. ``--model tiny-clip`` runs the same step on the tiny model (a
+rehearsal of the script, not a figure to quote).
 
 Variants (open_clip ``ViT-B-16`` with random weights, both encoders, 10 classes, 224 px):
 
@@ -158,23 +166,54 @@ def make_factored(model) -> list:
 # One variant, in this process.
 
 
-# Peak dense matrix throughput (TFLOP/s) at bf16/fp16 of GPUs this project is run on, from the
-# vendors' data sheets (without sparsity); fp32 runs report no fraction unless --peak-tflops.
-PEAK_TFLOPS_16BIT = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
-                     "L40S": 362.0, "A10": 125.0}
+# Peak dense throughput (TFLOP/s) from the vendors' data sheets, without sparsity: bf16/fp16
+# tensor cores, and fp32 without TF32 (torch's default for matmuls). Keyed by the exact name
+# torch.cuda.get_device_name reports: a name that merely contains another ("NVIDIA RTX A1000"
+# contains "A100") must not borrow its figure. Other GPUs need --peak-tflops.
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "NVIDIA H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+    "NVIDIA H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "NVIDIA L40S": {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6},
+    "NVIDIA A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+}
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    if precision not in ("bf16", "fp16"):
-        return None
-    for key, value in PEAK_TFLOPS_16BIT.items():  # most specific names first
-        if key in device_name:
-            return value
-    return None
+    """The data-sheet peak of exactly this GPU at this precision, or None when unknown."""
+    return PEAK_TFLOPS.get(device_name, {}).get(precision)
+
+
+def check_device(device_name: str, precision: str, peak: float | None,
+                 no_peak: bool = False) -> str:
+    """The name of the device to measure; exits with one line when it cannot be measured."""
+    import torch
+
+    if not device_name.startswith("cuda"):
+        if device_name != "cpu":
+            raise SystemExit(f"--device {device_name}: use cpu or cuda[:N]")
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {device_name}: no CUDA GPU is visible; use --device cpu")
+    device = torch.device(device_name)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device_name}: only {torch.cuda.device_count()} GPU(s) "
+                         "are visible")
+    name = torch.cuda.get_device_name(index)
+    if peak is None and peak_tflops(name, precision) is None and not no_peak:
+        raise SystemExit(f"--device {device_name} is a {name!r}, whose {precision} peak this "
+                         "script does not know: give it with --peak-tflops (the data sheet's "
+                         "dense figure, TFLOP/s), or measure without it with --no-peak")
+    return name
 
 
 def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool,
-                device_name: str, precision: str) -> dict:
+                device_name: str, precision: str, model_name: str = "ViT-B-16") -> dict:
     import contextlib
 
     import torch
@@ -182,16 +221,20 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipsvd.models import load_model
+    from clipsvd.train import class_logits
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)  # kernels, memory statistics and names of this GPU
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
     started = time.perf_counter()
-    loaded = load_model("ViT-B-16", None, init_seed=0)
+    loaded = load_model(model_name, None, init_seed=0)
     model = loaded.model
+    size = loaded.image_size
     tokens = loaded.tokenizer([f"a photo of a class{i}." for i in range(N_CLASSES)]).to(device)
-    images = torch.randn(batch, 3, 224, 224).to(device)
+    images = torch.randn(batch, 3, size, size).to(device)
     labels = torch.randint(0, N_CLASSES, (batch,)).to(device)
     step_context = contextlib.nullcontext
     if variant == "full":
@@ -218,6 +261,9 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
     model.to(device)
     setup_seconds = time.perf_counter() - started
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    # fp16 needs loss scaling (its gradients underflow otherwise), as clipsvd.train does
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scale = torch.tensor(100.0, device=device)
     model.train()
 
     def step() -> float:
@@ -226,10 +272,11 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
                                             enabled=dtype is not None):
             text = F.normalize(model.encode_text(tokens), dim=-1)
             feats = F.normalize(model.encode_image(images), dim=-1)
-            loss = F.cross_entropy(100.0 * feats.float() @ text.float().t(), labels)
+            loss = F.cross_entropy(class_logits(scale, feats, text), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
+            scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - begin
@@ -251,7 +298,8 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
     gpu_name = torch.cuda.get_device_name(device) if cuda else ""
     peak_rate = peak_tflops(gpu_name, precision) if cuda else None
     result = {"variant": variant, "batch": batch, "warmup": warmup, "steps": steps,
-              "device": gpu_name or "cpu", "precision": precision,
+              "device": gpu_name or "cpu", "device_index": str(device), "precision": precision,
+              "model": model_name, "image_size": size,
               "times": times, "median_s": median, "images_per_s": batch / median,
               "trainable": sum(p.numel() for p in params),
               "rss_before_mb": before / 2**20, "peak_rss_mb": peak_bytes / 2**20,
@@ -276,7 +324,8 @@ def run_variant(variant: str, batch: int, warmup: int, steps: int, profile: bool
 # Driver: each variant in its own subprocess, then the comparison.
 
 
-def machine() -> dict:
+def machine(device_name: str = "cpu") -> dict:
+    """The machine, and the GPU measured (``--device cuda:1`` is the second GPU, not GPU 0)."""
     import torch
 
     cpu = platform.processor() or "unknown"
@@ -287,9 +336,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "gpu": gpu}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "measured": device_name}
+    if device_name.startswith("cuda"):
+        device = torch.device(device_name)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info.update(gpu=torch.cuda.get_device_name(index), gpu_index=index,
+                    gpus_visible=torch.cuda.device_count(), cuda=torch.version.cuda)
+    return info
 
 
 def table(results: dict, batch: int) -> str:
@@ -339,28 +393,40 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's peak dense matrix TFLOP/s at --precision, for a GPU "
                              "this script does not know")
+    parser.add_argument("--model", default="ViT-B-16",
+                        help="open_clip architecture, random weights (tiny-clip for a rehearsal)")
+    parser.add_argument("--no-peak", action="store_true",
+                        help="on a GPU this script does not know, measure without a fraction "
+                             "of peak instead of refusing")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.warmup, args.steps = 1, 3
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {variant!r}; use "
+                             f"{', '.join(VARIANTS)}")
     if args.child:
         result = run_variant(args.child, args.batch, args.warmup, args.steps, args.profile,
-                             args.device, args.precision)
+                             args.device, args.precision, args.model)
         if args.peak_tflops:
             result["peak_tflops"] = args.peak_tflops
             result["fraction_of_peak"] = result["achieved_tflops"] / args.peak_tflops
         print("RESULT " + json.dumps(result))
         return
 
-    info = machine()
+    gpu_name = check_device(args.device, args.precision, args.peak_tflops, args.no_peak)
+    info = machine(args.device)
     print(f"machine: {info}")
+    print(f"measuring {args.model} on {args.device} ({gpu_name}), {args.precision}")
     results = {}
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps),
-                   "--device", args.device, "--precision", args.precision]
+                   "--device", args.device, "--precision", args.precision,
+                   "--model", args.model]
         command += (["--profile"] if args.profile else [])
         command += (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
         print(f"running {VARIANTS[variant]} ...", flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from clipsvd import devices
 from clipsvd.devices import SLOT_EVENT, acquire_device, autocast_dtype, claimed_gpu_slot
@@ -106,6 +108,20 @@ def test_under_slurm_the_scheduler_decides(slot_env, monkeypatch):
         assert claimed_gpu_slot() is None
         assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert not Path(os.environ[devices.LOCK_DIR_ENV]).exists()
+
+
+def test_a_job_given_several_gpus_says_it_uses_one(slot_env, monkeypatch, caplog):
+    """Under SLURM with two GPUs in the allocation the job computes on the first and warns
+    that the other stays idle (CUDA itself is not touched: device count and availability are
+    stand-ins). Break caught: the silent use of one GPU of several."""
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="clipsvd"):
+        with acquire_device("auto") as device:
+            assert device == torch.device("cuda")
+    assert "2 GPUs are visible but a job computes on one (cuda)" in caplog.text
+    assert "CLIPSVD_SLURM_GPUS=1" in caplog.text
 
 
 def test_bad_device_and_fake_count_are_one_line_errors(slot_env, monkeypatch):
@@ -234,3 +250,119 @@ def test_study_with_two_fake_gpus_never_shares_a_slot(local_default_study):
     uses = slot_intervals(logs)
     assert set(uses) == {0, 1}
     assert_no_shared_slot(uses)
+
+
+# --- every rule that computes on a device is GPU-scheduled ------------------------------------
+
+DEVICE_LINE = "clipsvd.devices:"  # a line the device module logs (resolved, claimed, fake, ...)
+
+
+def dry_run_jobs(workdir: Path) -> list[dict[str, str]]:
+    """Every job of the study (rule, log, resources) as `snakemake -n --forceall` lists it."""
+    from conftest import workflow_env
+
+    result = subprocess.run(
+        [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "-n",
+         "--forceall", "--cores", "4", "--resources", "gpu=2"],
+        capture_output=True, text=True, env=workflow_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = []
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", result.stdout, re.M):
+        fields = dict(re.findall(r"^    (\w+): (.*)$", body, re.M))
+        jobs.append({"rule": rule, "log": fields.get("log", ""),
+                     "resources": fields.get("resources", "")})
+    return jobs
+
+
+def gpu_scheduling_violations(workdir: Path) -> tuple[set[str], list[str]]:
+    """(rules whose jobs resolved a device, what is wrong): a job whose log shows the device
+    module at work must belong to a rule that declares `gpu=1`, and must have claimed a slot;
+    a job of a rule that declares `gpu=1` must have claimed one."""
+    resolving, wrong = set(), []
+    for job in dry_run_jobs(workdir):
+        log = workdir / job["log"] if job["log"] else None
+        if log is None or not log.is_file():
+            continue
+        text = log.read_text()
+        declares = re.search(r"\bgpu=1\b", job["resources"]) is not None
+        claimed = SLOT_EVENT.search(text) is not None
+        if DEVICE_LINE in text:
+            resolving.add(job["rule"])
+            if not declares:
+                wrong.append(f"{job['rule']} resolves a device but declares no gpu resource "
+                             f"({job['log']})")
+        if (DEVICE_LINE in text or declares) and not claimed:
+            wrong.append(f"{job['rule']} claimed no GPU slot ({job['log']})")
+    return resolving, wrong
+
+
+@pytest.mark.slow
+def test_every_rule_that_resolves_a_device_is_gpu_scheduled(local_default_study):
+    """In the two-fake-GPU run of the default study, every job that resolved a device
+    (features, adapt, evaluate and interpret) belongs to a rule declaring `gpu=1` and claimed
+    a GPU slot. Break caught (shown on a one-interpret-job run of the study): `clipsvd
+    interpret` resolving the device itself (no slot: its log says "no GPU visible"), and the
+    interpret rule without `gpu=1`."""
+    resolving, wrong = gpu_scheduling_violations(local_default_study)
+    assert resolving == {"features", "adapt", "evaluate", "interpret"}
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.slow
+def test_interpret_jobs_hold_slots_of_their_own(local_default_study):
+    """Every interpret job of the fake two-GPU run claimed and released a slot, and no slot was
+    held by two jobs at once, interpret jobs included (no job lands on a GPU another holds).
+    Break caught: interpret outside the slot logic (no claim in its log)."""
+    logs = sorted(local_default_study.glob("results/runs/**/interpret.log"))
+    assert len(logs) == 6
+    uses = slot_intervals(logs)
+    assert sum(len(v) for v in uses.values()) == 6 and set(uses) <= {0, 1}
+    results = local_default_study / "results"  # not mlartifacts/, which holds copies
+    everything = sorted((results / "runs").rglob("*.log")) + sorted(
+        (results / "logs").rglob("*.log"))
+    assert_no_shared_slot(slot_intervals(everything))
+
+
+# --- the SLURM profile (static: its YAML, no cluster) ------------------------------------------
+
+SLURM_PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
+
+
+def slurm_resources(rule: str, env: dict[str, str]) -> dict[str, object]:
+    """The profile's resources of ``rule`` as Snakemake evaluates them on attempt 1 (each
+    value is a Python expression of ``attempt`` and ``threads``) under the environment ``env``."""
+    profile = yaml.safe_load(SLURM_PROFILE.read_text())
+    values = {**profile.get("default-resources", {}),
+              **profile.get("set-resources", {}).get(rule, {})}
+    threads = profile.get("set-threads", {}).get(rule, 1)
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return {key: eval(str(value), {"__builtins__": __builtins__},  # noqa: S307 (profile)
+                          {"attempt": 1, "threads": threads})
+                for key, value in values.items()}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_slurm_profile_gives_interpret_a_gpu_where_the_study_asks_for_one():
+    """Both BiomedCLIP studies ask for `device: cuda`; under the SLURM profile their interpret
+    jobs then get a GPU on the GPU partition, exactly as adapt does (one per job by default,
+    none with CLIPSVD_SLURM_GPUS=0 on a cluster without GPUs). Break caught: the profile's
+    interpret entry without `gpu` (every interpret job stopped with "'cuda' was asked for
+    but no CUDA GPU is visible"), or on the CPU partition."""
+    studies = {path.name: yaml.safe_load(path.read_text()).get("device", "auto")
+               for path in sorted((ROOT / "config" / "studies").glob("*.yaml"))}
+    assert studies == {"biomedclip_base_to_novel.yaml": "cuda",
+                       "biomedclip_few_shot.yaml": "cuda"}
+    cluster = {"CLIPSVD_SLURM_PARTITION": "cpu", "CLIPSVD_SLURM_GPU_PARTITION": "gpu"}
+    for env, gpus in ((cluster, 1), ({**cluster, "CLIPSVD_SLURM_GPUS": "2"}, 2),
+                      ({**cluster, "CLIPSVD_SLURM_GPUS": "0"}, 0)):
+        interpret, adapt = slurm_resources("interpret", env), slurm_resources("adapt", env)
+        assert interpret["gpu"] == adapt["gpu"] == gpus, env
+        assert interpret["slurm_partition"] == adapt["slurm_partition"] == "gpu"
+        assert interpret["cpus_per_gpu"] == 4
+    alone = slurm_resources("interpret", {"CLIPSVD_SLURM_PARTITION": "shared"})
+    assert alone["gpu"] == 1 and alone["slurm_partition"] == "shared"

@@ -161,6 +161,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_interpret(args) -> None:
+    from .devices import acquire_device
     from .interpret import interpret_run
     from .tracking import attach_artifacts
 
@@ -169,10 +170,11 @@ def cmd_interpret(args) -> None:
     settings = cfg.interpret
     run_dir = Path(args.run_dir)
     out_dir = run_dir / "interpret"
-    interpret_run(cfg, run_dir, Path(args.split), Path(args.store), out_dir,
-                  corpus_path=Path(settings.corpus) if settings.corpus else None,
-                  span_layers=settings.span_layers, k=settings.k,
-                  max_images=settings.max_images)
+    with acquire_device(cfg.device) as device:
+        interpret_run(cfg, run_dir, Path(args.split), Path(args.store), out_dir,
+                      corpus_path=Path(settings.corpus) if settings.corpus else None,
+                      span_layers=settings.span_layers, k=settings.k,
+                      max_images=settings.max_images, device=device)
     attach_artifacts(run_dir, out_dir, cfg.tracking.enabled)
 
 

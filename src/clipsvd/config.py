@@ -33,6 +33,7 @@ class PreprocessingConfig:
     slices: str = "center"  # center | every_k | all: how a 3D volume becomes 2D samples
     slice_step: int = 1
     on_error: str = "stop"  # stop | skip: what an unreadable image does to preparation
+    train_view: int = 512  # train split kept with its aspect, longer side ≤ this (0: none)
 
 
 @dataclass(frozen=True)

@@ -72,16 +72,65 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+# How a failed GPU allocation shows itself besides torch.OutOfMemoryError: cuBLAS and cuDNN
+# report theirs through their status codes, as plain RuntimeErrors; the caching allocator's own
+# failures outside a tensor allocation read "CUDA error: out of memory".
+_OOM_MARKERS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA error: out of memory")
+
+
+def out_of_memory_kind(error: BaseException) -> str | None:
+    """None unless ``error`` is a failed GPU allocation; else "" (torch's own out-of-memory
+    error) or the status code that cuBLAS, cuDNN or CUDA reported."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return ""
+    if isinstance(error, RuntimeError):
+        text = str(error)
+        for marker in _OOM_MARKERS:
+            if marker in text:
+                return marker
+    return None
+
+
 @contextlib.contextmanager
-def batch_size_on_oom(key: str, value: int, device: torch.device | str) -> Iterator[None]:
-    """Turn a GPU out-of-memory error inside the block into one line naming the key to lower."""
+def gpu_memory_guard(device: torch.device | str, doing: str, advice: str) -> Iterator[None]:
+    """Turn a failed GPU allocation inside the block into one line: what was being done and
+    which key to change (``advice``). Other errors pass unchanged."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        smaller = max(1, int(value) // 2)
-        raise GpuMemoryError(
-            f"out of GPU memory on {device} with {key} = {value}; lower {key} (e.g. to "
-            f"{smaller}) in the study config, or free the GPU of other processes") from None
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        kind = out_of_memory_kind(error)
+        if kind is None:
+            raise
+        detail = f" ({kind})" if kind else ""
+        raise GpuMemoryError(f"out of GPU memory on {device}{detail} {doing}; {advice}") from None
+
+
+def batch_size_on_oom(key: str, value: int,
+                      device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A failed GPU allocation inside the block names the batch-size key to lower."""
+    smaller = max(1, int(value) // 2)
+    return gpu_memory_guard(device, f"with {key} = {value}",
+                            f"lower {key} (e.g. to {smaller}) in the study config, or free the "
+                            "GPU of other processes")
+
+
+def model_to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model.to(device)``; a model that does not fit says so and names the key to change."""
+    with gpu_memory_guard(device, "while moving the model to it",
+                          "use a GPU with more free memory (free it of other processes), or set "
+                          "device: cpu in the study config"):
+        return model.to(device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; from pinned memory and asynchronous when it is a GPU, so the
+    copy overlaps the work already queued."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -144,8 +193,33 @@ def _slot_names(count: int) -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+def _lock_folder_error(directory: Path, what: str) -> ConfigError:
+    return ConfigError(
+        f"GPU lock folder {directory}: {what}; a folder that several users share needs "
+        f"`chmod 1777 {directory}` (everyone may create lock files, as in /tmp), or point "
+        f"{LOCK_DIR_ENV} at a folder of your own (it then does not coordinate with theirs)")
+
+
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """An open descriptor of the lock file and whether it is writable.
+
+    A lock file another user created (mode 0644 under umask 022) cannot be opened for writing,
+    but flock works on a read-only descriptor just as well: only the pid note is skipped.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY), False
+    except FileNotFoundError:
+        raise _lock_folder_error(path.parent, "this user may not create lock files in it") from None
+    except PermissionError:
+        raise _lock_folder_error(path.parent, f"this user may not open {path.name}") from None
+
+
+def _try_lock(path: Path) -> tuple[int, bool] | None:
+    fd, writable = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -153,14 +227,17 @@ def _try_lock(path: Path) -> int | None:
         if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return None
         raise
-    return fd
+    return fd, writable
 
 
 def claim_gpu_slot(count: int, directory: Path | None = None, poll_seconds: float | None = None,
                    fake: bool = False) -> GpuSlot:
     """Claim a free slot among `count` GPUs, waiting (and logging) while all are taken."""
     directory = Path(directory or lock_dir())
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise _lock_folder_error(directory, "this user may not create it") from None
     if poll_seconds is None:
         poll_seconds = float(os.environ.get(POLL_ENV) or 5.0)
     names = _slot_names(count)
@@ -169,11 +246,13 @@ def claim_gpu_slot(count: int, directory: Path | None = None, poll_seconds: floa
     while True:
         for index, name in enumerate(names):
             path = directory / f"gpu-{name}.lock"
-            fd = _try_lock(path)
-            if fd is None:
+            locked = _try_lock(path)
+            if locked is None:
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} since {time.time():.6f}\n".encode())
+            fd, writable = locked
+            if writable:  # who holds it, for a person looking at the folder
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} since {time.time():.6f}\n".encode())
             waited = time.monotonic() - started
             log.info("claimed GPU slot %d of %d (pid %d, t=%.6f)%s; lock %s%s", index, count,
                      os.getpid(), time.time(), " [fake GPUs]" if fake else "", path,
@@ -227,6 +306,10 @@ def acquire_device(requested: str, directory: Path | None = None,
                      os.environ["SLURM_JOB_ID"], os.environ.get("CUDA_VISIBLE_DEVICES", ""))
         elif device.type == "cuda":
             log.info("device: %s (GPU slots off, %s=0)", device, SLOTS_ENV)
+        if device.type == "cuda" and torch.cuda.device_count() > 1:
+            log.warning("%d GPUs are visible but a job computes on one (%s); ask for one GPU "
+                        "per job (CLIPSVD_SLURM_GPUS=1 under SLURM)", torch.cuda.device_count(),
+                        device)
         yield device
         return
     fake = _fake_gpu_count()

@@ -20,14 +20,15 @@ import torch
 from . import layout
 from .config import ADAPTER_METHODS, StudyConfig
 from .data.store import PreparedStore, split_summary
-from .devices import batch_size_on_oom, claimed_gpu_slot, resolve_device
+from .devices import (batch_size_on_oom, claimed_gpu_slot, model_to_device, resolve_device,
+                      to_device)
 from .io import atomic_path, read_json, write_json
 from .metrics import classification_metrics
 from .models import encode_class_prompts, encode_images, load_model
 from .provenance import file_sha256, git_state, package_versions
 from .probe import fit_linear_probe, probe_probabilities, save_probe
 from .report.figures import run_confusion_matrix
-from .train import attach_adapter, logit_scale_value, normalizer, split_images
+from .train import attach_adapter, class_logits, logit_scale_value, split_images
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,19 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict(loaded, images: torch.Tensor, class_names: list[str], templates, scale: torch.Tensor,
             device: torch.device, batch_size: int) -> torch.Tensor:
-    """Class probabilities for uint8 images (N,3,H,W) already at the model's size."""
-    normalize = normalizer(loaded)
+    """Class probabilities for uint8 images (N,3,H,W) already at the model's size.
+
+    Batches travel as uint8 (a quarter of float32's bytes), from pinned memory on a GPU, and
+    are scaled and normalised on the device; logits and softmax are float32.
+    """
+    mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
     text = encode_class_prompts(loaded, class_names, templates, device)
     probs = []
     for start in range(0, len(images), batch_size):
-        batch = normalize(images[start:start + batch_size].float().div_(255)).to(device)
-        logits = scale * encode_images(loaded.model, batch) @ text.t()
-        probs.append(logits.float().softmax(dim=1).cpu())
+        batch = to_device(images[start:start + batch_size], device).float().div_(255)
+        features = encode_images(loaded.model, (batch - mean) / std)
+        probs.append(class_logits(scale, features, text).softmax(dim=1).cpu())
     return torch.cat(probs) if probs else torch.empty(0, len(class_names))
 
 
@@ -79,7 +85,7 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
             with torch.no_grad():
                 text = encode_class_prompts(loaded, class_names, templates, device).float().cpu()
             image = torch.from_numpy(np.asarray(_feature_rows(features, store, split[key])))
-            return (scale.cpu() * image @ text.t()).softmax(dim=1)
+            return class_logits(scale.cpu(), image, text).softmax(dim=1)
         return zero_shot, contextlib.nullcontext()
     if method == "linear_probe":
         features = np.load(features_path, mmap_mode="r")
@@ -99,7 +105,7 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
         return probe, contextlib.nullcontext()
     adapter = attach_adapter(method, loaded.model, cfg.training(method, dataset))
     adapter.load(adapter_path or run_dir / layout.ADAPTER)
-    loaded.model.to(device).eval()
+    model_to_device(loaded.model, device).eval()
 
     def adapted(key, class_names):
         images, _ = split_images(store, split, key)
@@ -115,7 +121,7 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
     device = device or resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
-    loaded.model.to(device).eval()
+    model_to_device(loaded.model, device).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     chosen: dict[str, Any] = {}

@@ -13,7 +13,7 @@ import torch
 
 from .config import StudyConfig
 from .data.store import PreparedStore
-from .devices import batch_size_on_oom, resolve_device
+from .devices import batch_size_on_oom, model_to_device, resolve_device, to_device
 from .io import atomic_path
 from .models import encode_images, load_model
 
@@ -26,7 +26,7 @@ def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path,
     device = device or resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
-    model = loaded.model.to(device).eval()
+    model = model_to_device(loaded.model, device).eval()
     mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
     n, batch_size = len(store.images), cfg.eval_batch_size
@@ -35,7 +35,7 @@ def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path,
     with batch_size_on_oom("eval_batch_size", batch_size, device):
         for start in range(0, n, batch_size):
             batch = torch.from_numpy(np.array(store.images[start:start + batch_size]))
-            batch = (batch.to(device).float().div_(255) - mean) / std
+            batch = (to_device(batch, device).float().div_(255) - mean) / std
             chunks.append(encode_images(model, batch).float().cpu().numpy())
             now = time.perf_counter()
             if now - last > 10:

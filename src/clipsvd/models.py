@@ -589,9 +589,9 @@ def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
     as OpenAI's ``ViT-B-16.pt`` read as data by :mod:`clipsvd.checkpoints`), or None for
     random weights. The architecture is the one the weights were trained with: QuickGELU for
     tags and TorchScript files that say so, whatever the name's config uses. Anything else
-    open_clip would only warn about is a ModelError. Random initialisation runs under
-    ``torch.manual_seed(init_seed)`` inside a forked RNG, so equal seeds give identical
-    weights and the caller's RNG stream is untouched.
+    open_clip would only warn about is a ModelError. Random initialisation draws from the CPU
+    generator seeded with ``init_seed`` inside a forked RNG, so equal seeds give identical
+    weights and the caller's RNG streams (CPU and CUDA) are untouched.
     """
     request = _check_request(name, pretrained or None)
     scripted = (read_torchscript(request.checkpoint)
@@ -604,9 +604,13 @@ def load_model(name: str, pretrained: str | None = None, init_seed: int = 0,
     weights = None if scripted is not None else request.pretrained
     require = request.kind != "random" and scripted is None
     try:
+        # Only the CPU generator is seeded (and restored by fork_rng): torch.manual_seed would
+        # also reseed every CUDA generator, which fork_rng(devices=[]) leaves at init_seed, so
+        # every run would draw the same CUDA stream (dropout masks) whatever its own seed.
+        # The weights are initialised on the CPU before any move to ``device``.
         with _collect_open_clip_warnings() as warned:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
+                torch.random.default_generator.manual_seed(init_seed)
                 # pretrained_text=False: a Hugging Face text tower (BiomedCLIP's BERT) gets its
                 # weights from the CLIP checkpoint or stays random, never a separate hub download.
                 model = open_clip.create_model(name, pretrained=weights, device=device,

@@ -6,16 +6,28 @@ import random
 import numpy as np
 import torch
 
+# Independent streams of one run, drawn from their own generators (so that, say, a change in how
+# many random numbers the crops use never shifts the batch order).
+ORDER_STREAM = 0
+CROP_STREAM = 1
+
 
 def seed_everything(seed: int) -> None:
+    """Python, numpy, the CPU generator and every CUDA generator (torch.manual_seed seeds them
+    all, lazily where CUDA is not initialised yet): each seed gives its own GPU stream too."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
-def torch_generator(seed: int) -> torch.Generator:
+def torch_generator(seed: int, stream: int = ORDER_STREAM) -> torch.Generator:
+    """A CPU generator for one stream of the run; stream 0 is seeded with the seed itself."""
     generator = torch.Generator()
-    generator.manual_seed(seed)
+    if stream == ORDER_STREAM:
+        generator.manual_seed(seed)
+    else:
+        state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+        generator.manual_seed(int(state))
     return generator
 
 

@@ -11,25 +11,27 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from . import layout
 from .adapters import ADAPTERS, attach
 from .adapters.base import Adapter
 from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
+from .data.augment import random_resized_crops
 from .data.store import PreparedStore
-from .devices import autocast_dtype, batch_size_on_oom, claimed_gpu_slot, resolve_device
+from .data.views import CROP_SOURCES, support_images
+from .devices import (autocast_dtype, batch_size_on_oom, claimed_gpu_slot, gpu_memory_guard,
+                      model_to_device, resolve_device, to_device)
 from .errors import ConfigError, TrainingError
 from .io import atomic_path, read_json, write_json
 from .models import LoadedModel, encode_class_prompts, encode_images, load_model
-from .seeding import seed_everything, torch_generator
+from .seeding import CROP_STREAM, ORDER_STREAM, seed_everything, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,6 @@ def split_images(store: PreparedStore, split: dict[str, Any], key: str,
     labels = torch.tensor([position[n] for n in store.index["class_name"].to_numpy()[rows]],
                           dtype=torch.long)
     return images, labels
-
-
-def normalizer(loaded: LoadedModel) -> v2.Normalize:
-    return v2.Normalize(mean=list(loaded.mean), std=list(loaded.std))
 
 
 def logit_scale_value(loaded: LoadedModel, configured: Any) -> torch.Tensor:
@@ -80,6 +78,43 @@ def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * step / (steps - 1)))
 
 
+def class_logits(scale: torch.Tensor, image_features: torch.Tensor,
+                 text_features: torch.Tensor) -> torch.Tensor:
+    """``scale · image · textᵀ`` in float32, also inside autocast.
+
+    Under bf16 autocast the product would be rounded to bf16 before any ``.float()``: with a
+    logit scale of 100 a logit near 80 then has a spacing of 0.5. The features are taken to
+    float32 and the product runs with autocast off (in this order of operations, so fp32 runs
+    are bit-identical to ``scale * image @ text.t()``).
+    """
+    with torch.autocast(image_features.device.type, enabled=False):
+        return scale.float() * image_features.float() @ text_features.float().t()
+
+
+def tokens_moved_once(loaded: LoadedModel, device: torch.device) -> LoadedModel:
+    """``loaded`` whose tokenizer hands out each prompt list's tokens already on ``device``.
+
+    The text features are recomputed every step from the same prompts; tokenizing them anew
+    and copying the tokens from pageable host memory would make the host wait for the device
+    every step (a synchronous copy), for the same tokens.
+    """
+    tokens: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def tokenize(prompts: list[str]) -> torch.Tensor:
+        key = tuple(prompts)
+        if key not in tokens:
+            tokens[key] = to_device(loaded.tokenizer(list(prompts)), device)
+        return tokens[key]
+
+    return replace(loaded, tokenizer=tokenize)
+
+
+def _first_non_finite(losses: torch.Tensor) -> int | None:
+    """The position of the first non-finite value (one host sync), or None."""
+    bad = ~torch.isfinite(losses)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
 def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_dir: Path,
           out_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
     """Train one adapter on one split; write the adapter, the history and a summary into out_dir."""
@@ -95,22 +130,29 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     model = loaded.model
     adapter = attach_adapter(method, model, settings)
-    model.to(device)
+    model_to_device(model, device)
     n_model = adapter.base_num_parameters
     n_trainable = adapter.num_trainable()
     log.info("%s: %d trainable parameters (%.4f%% of %d model parameters) in %d matrices",
              method, n_trainable, 100 * n_trainable / n_model, n_model, len(adapter.describe()))
 
-    images, labels = split_images(store, split, "train")
-    if device.type == "cuda":  # a few-shot support set fits: crop and resize on the GPU
-        images = images.to(device)
+    # The support set stays on the device for the whole run; crops are cut there, in batches.
+    host_images, sizes, origin = support_images(store, [str(i) for i in split["train"]])
+    _, labels = split_images(store, split, "train", with_images=False)
+    view_key = f"datasets[{dataset}].preprocessing.train_view"
+    with gpu_memory_guard(device, f"while moving the support set ({len(labels)} images of up to "
+                          f"{host_images.shape[2]} x {host_images.shape[3]} px, "
+                          f"{host_images.numel() / 2**20:.0f} MB) to it",
+                          f"lower {view_key} (now {dataset_cfg.preprocessing.train_view}) in the "
+                          "study config, or free the GPU of other processes"):
+        images = to_device(host_images, device)
+        labels_on_device = to_device(labels, device)
+    log.info("training crops from %s: %d images, %d x %d px at most", CROP_SOURCES[origin],
+             len(labels), host_images.shape[2], host_images.shape[3])
     size = loaded.image_size
-    augment = v2.Compose([
-        v2.RandomResizedCrop(size, scale=tuple(settings.crop_scale),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        *([v2.RandomHorizontalFlip()] if settings.flip else []),
-    ])
-    normalize = normalizer(loaded)
+    prompts = tokens_moved_once(loaded, device)
+    mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
     lr = settings.lr
     steps = total_steps(settings, len(labels), shots)
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, betas=(0.9, 0.999),
@@ -118,14 +160,20 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     amp_dtype = autocast_dtype(settings.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
-    generator = torch_generator(seed)
+    generator = torch_generator(seed, ORDER_STREAM)
+    crop_generator = torch_generator(seed, CROP_STREAM)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    history: list[dict[str, float]] = []
+    # Loss and batch accuracy stay on the device until the end: reading them every step would
+    # make the host wait for the device every step. They are read (and checked for a
+    # non-finite loss) at each progress report, at least every 10 s, and at the end.
+    losses = torch.zeros(steps, device=device)
+    accuracies = torch.zeros(steps, device=device)
+    learning_rates = [cosine_lr(step, steps, lr, settings.min_lr) for step in range(steps)]
     order = torch.empty(0, dtype=torch.long)
-    # Time spent building batches from the in-memory store (crop, flip, normalise); on a GPU
-    # the crops are queued asynchronously, so their kernels count in the step instead.
+    # Time spent building batches (crop boxes, resampling, flip, normalise); on a GPU the
+    # kernels are queued asynchronously, so their device time counts in the step instead.
     data_seconds = 0.0
     model.train()
     started = time.perf_counter()
@@ -133,42 +181,54 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     overridden = "batch_size" in dataset_cfg.overrides.get(method, {})
     batch_key = (f"datasets[{dataset}].overrides.{method}.batch_size" if overridden
                  else f"{method}.batch_size")
+
+    def stop_if_not_finite(done: int) -> None:
+        bad = _first_non_finite(losses[:done])
+        if bad is not None:
+            raise TrainingError(
+                f"loss became {float(losses[bad])} at step {bad + 1} of {steps} (learning rate "
+                f"{learning_rates[bad]:.3g}); lower the learning rate ({method}.lr or "
+                f"datasets.*.overrides.{method}.lr)")
+
     with batch_size_on_oom(batch_key, settings.batch_size, device):
         for step in range(steps):
             loading = time.perf_counter()
             if len(order) == 0:
                 order = torch.randperm(len(labels), generator=generator)
             batch_idx, order = order[:settings.batch_size], order[settings.batch_size:]
-            batch = torch.stack([augment(images[i]) for i in batch_idx.tolist()])
-            batch = normalize(batch.float().div_(255)).to(device, non_blocking=True)
-            target = labels[batch_idx].to(device)
+            batch = random_resized_crops(images, sizes, batch_idx, size,
+                                         tuple(settings.crop_scale), settings.flip,
+                                         crop_generator)
+            batch = (batch - mean) / std
+            target = labels_on_device[batch_idx.to(device, non_blocking=True)]
             data_seconds += time.perf_counter() - loading
-            step_lr = cosine_lr(step, steps, lr, settings.min_lr)
             for group in optimizer.param_groups:
-                group["lr"] = step_lr
+                group["lr"] = learning_rates[step]
             with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                   enabled=amp_dtype is not None):
-                text = encode_class_prompts(loaded, split["classes"], dataset_cfg.templates, device)
+                text = encode_class_prompts(prompts, split["classes"], dataset_cfg.templates,
+                                            device)
                 feats = encode_images(model, batch)
-                logits = scale * feats @ text.t()
-                loss = F.cross_entropy(logits.float(), target)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at step {step + 1} of {steps} (learning rate "
-                        f"{step_lr:.3g}); lower the learning rate ({method}.lr or "
-                        f"datasets.*.overrides.{method}.lr)")
+                logits = class_logits(scale, feats, text)
+                loss = F.cross_entropy(logits, target)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            accuracy = (logits.argmax(1) == target).float().mean().item()
-            history.append({"step": step + 1, "loss": loss.item(), "accuracy": accuracy, "lr": step_lr})
+            losses[step] = loss.detach()
+            accuracies[step] = (logits.detach().argmax(1) == target).float().mean()
             now = time.perf_counter()
             if step == 0 or now - last_report > 10 or step + 1 == steps:
+                stop_if_not_finite(step + 1)
                 rate = (step + 1) / (now - started)
                 log.info("step %d/%d loss %.4f batch accuracy %.3f lr %.2e (%.1f steps/s, ETA %.0f s)",
-                         step + 1, steps, loss.item(), accuracy, step_lr, rate, (steps - step - 1) / rate)
+                         step + 1, steps, float(losses[step]), float(accuracies[step]),
+                         learning_rates[step], rate, (steps - step - 1) / rate)
                 last_report = now
+        history = [{"step": step + 1, "loss": loss_value, "accuracy": accuracy,
+                    "lr": learning_rates[step]}
+                   for step, (loss_value, accuracy) in enumerate(zip(losses.tolist(),
+                                                                    accuracies.tolist()))]
     seconds = time.perf_counter() - started
     model.eval()
 
@@ -178,6 +238,9 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
         "started_at": started_at, "finished_at": time.time(),
         "train_seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 3),
         "data_seconds": round(data_seconds, 3), "cpu_threads": torch.get_num_threads(),
+        # the store file crops were cut from, and the largest (height, width) there
+        "crops_from": origin, "crop_source_size": [int(host_images.shape[2]),
+                                                   int(host_images.shape[3])],
         "loader_fraction": round(data_seconds / max(seconds, 1e-9), 4),
         "trainable_parameters": n_trainable, "model_parameters": n_model,
         "trainable_fraction": n_trainable / n_model, "model_fingerprint": loaded.fingerprint,

@@ -114,6 +114,7 @@ rule interpret:
         CONDA_ENV
     threads: STUDY.threads
     resources:
+        gpu=1,
         mem_mb=job_memory("interpret"),
         runtime=60,
     params:

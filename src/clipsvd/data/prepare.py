@@ -33,6 +33,7 @@ from .npz import NpzFile
 from .readers import VIEWER_RULES, check_nifti_dimensions, explain_read_error, viewer_image
 from .sources import INTERNAL_COLUMNS, SPLITS, classes_of, read_source, relative_id
 from .store import format_split_summary, split_summary
+from .views import TrainingViewWriter, resize_view, view_step
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Pipeline:
     steps: list[dict[str, Any]] = field(default_factory=list)
     slices: str = "center"
     slice_step: int = 1
+    intensity: Callable | None = None  # the intensity steps of ``transform`` alone
 
     def load(self, path: str) -> np.ndarray:
         """Read one file as a float32 array (C, X, Y) or (C, X, Y, Z)."""
@@ -153,9 +155,19 @@ class Pipeline:
 
     def finish(self, image: np.ndarray) -> np.ndarray:
         """Scale and resize one 2D (C, X, Y) image, then 3 channels, uint8, (3, rows, cols)."""
+        return self._to_uint8_rgb(self.transform({IMAGE_KEY: image})[IMAGE_KEY])
+
+    def training_view(self, image: np.ndarray, longest: int) -> np.ndarray:
+        """One 2D (C, X, Y) image with the intensity scaling of ``finish``, its aspect ratio
+        kept and its longer side at most ``longest`` (data.views), as uint8 (3, rows, cols)."""
+        return self._to_uint8_rgb(resize_view(self.intensity({IMAGE_KEY: image})[IMAGE_KEY],
+                                              longest))
+
+    @staticmethod
+    def _to_uint8_rgb(out: Any) -> np.ndarray:
         from monai.utils import convert_to_numpy
 
-        out = convert_to_numpy(self.transform({IMAGE_KEY: image})[IMAGE_KEY])
+        out = convert_to_numpy(out)
         if out.shape[0] == 1:
             out = np.repeat(out, 3, axis=0)
         elif out.shape[0] == 2:  # grey + alpha
@@ -235,6 +247,7 @@ def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
         raise DataError(f"preprocessing.intensity: unknown value {pre.intensity!r}; use "
                         "percentile, window, zscore or none")
 
+    intensity = Compose(list(chain))
     size = int(image_size)
     resize_args = {"mode": "bilinear", "anti_aliasing": True}
     if pre.resize == "pad":
@@ -260,8 +273,10 @@ def build_pipeline(pre: PreprocessingConfig, image_size: int) -> Pipeline:
     steps.append({"transform": "to_uint8_rgb", "params": {
         "channels": "grey repeated to 3; alpha dropped", "scale": 255, "rounding": "nearest",
         "layout": "(3, rows, columns)"}})
+    if pre.train_view:
+        steps.append(view_step(pre.train_view, resize_args))
     return Pipeline(loaders=loaders, transform=Compose(chain), steps=steps,
-                    slices=pre.slices, slice_step=pre.slice_step)
+                    slices=pre.slices, slice_step=pre.slice_step, intensity=intensity)
 
 
 @contextmanager
@@ -530,7 +545,8 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
         row = arrays.get(record["source_path"], record["array_key"], int(record["array_index"]))
         return {**record, "array": row}
 
-    def work(record: dict) -> tuple[list[tuple[int | None, np.ndarray]], str | None]:
+    def work(record: dict) -> tuple[list[tuple[int | None, np.ndarray, np.ndarray | None]],
+                                    str | None]:
         if not hasattr(per_thread, "pipeline"):
             per_thread.pipeline = build_pipeline(pre, image_size)
         chain = per_thread.pipeline
@@ -542,10 +558,15 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
         except Exception as exc:  # any reader failure means the file is unusable as given
             kind = "array" if "array" in record else reader_kind(record["source_path"])
             return [], explain_read_error(record["source_path"], kind, exc)
+        view = pre.train_view if record["split"] == "train" else 0  # training crops' source
+
+        def outputs(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            return chain.finish(image), chain.training_view(image, view) if view else None
+
         if volume.ndim == 3:
-            return [(None, chain.finish(volume))], None
+            return [(None, *outputs(volume))], None
         indices = chain.slice_indices(volume.shape[-1])
-        return [(z, chain.finish(volume[..., z])) for z in indices], None
+        return [(z, *outputs(volume[..., z])) for z in indices], None
 
     def sample_id(record: dict) -> str:
         given = record.get("sample_id")
@@ -560,6 +581,7 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
     last_log = start
     with atomic_dir(out_dir) as tmp:
         stream = _NpyStream(tmp / "images.npy", (3, int(image_size), int(image_size)))
+        views = TrainingViewWriter(tmp, pre.train_view) if pre.train_view else None
         try:
             with ThreadPool(max(1, int(threads))) as pool:
                 done = 0
@@ -580,7 +602,9 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
                             log.warning("skipping unreadable %s (%s)", where, error)
                             skipped.append({"source_path": record["source_path"],
                                             "sample_id": base_id, "error": error})
-                        for z, image in images:
+                        for z, image, view in images:
+                            if view is not None:
+                                views.append(len(rows), view)
                             stream.append(image)
                             rows.append({
                                 "sample_id": base_id if z is None else f"{base_id}#z{z:03d}",
@@ -597,6 +621,8 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
         finally:
             stream.close()
             arrays.close()
+            if views is not None:
+                views.close()
         if not rows:
             raise DataError(f"{root}: none of the {total} images of dataset '{dataset.name}' "
                             "could be read; check the files and preprocessing settings")
@@ -630,6 +656,7 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in vars(pre).items()},
             "transforms": pipeline.steps,
+            "train_views": views.summary() if views is not None else None,
             "split": split_origin,
             "n_files": len(fingerprints),
             "n_samples": total,

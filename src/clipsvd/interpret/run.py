@@ -15,7 +15,8 @@ from .. import layout
 from ..adapters import attach
 from ..config import StudyConfig
 from ..data.store import PreparedStore
-from ..devices import resolve_device
+from ..devices import (batch_size_on_oom, gpu_memory_guard, model_to_device, resolve_device,
+                       to_device)
 from ..errors import ConfigError
 from ..io import atomic_dir, atomic_path, read_json, write_json, write_text
 from ..models import load_model
@@ -61,7 +62,7 @@ def _batches(images: torch.Tensor, loaded, device: torch.device, batch_size: int
     mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device).float().div_(255)
+        batch = to_device(images[start:start + batch_size], device).float().div_(255)
         if batch.shape[-1] != loaded.image_size or batch.shape[-2] != loaded.image_size:
             batch = F.interpolate(batch, size=(loaded.image_size, loaded.image_size),
                                   mode="bicubic", align_corners=False).clamp_(0, 1)
@@ -189,13 +190,14 @@ def summary_markdown(record: dict[str, Any], matrices: pd.DataFrame, heads: pd.D
 def interpret_run(cfg: StudyConfig, run_dir: Path, split_path: Path, store_dir: Path,
                   out_dir: Path, corpus_path: Path | None = None,
                   span_layers: int | Sequence[int] = 2, k: int = 5, max_images: int = 512,
-                  device: str | None = None) -> dict[str, Any]:
+                  device: torch.device | None = None) -> dict[str, Any]:
     """Interpret the CLIP-SVD adapter of ``run_dir`` (trained on the split in ``split_path``)
     and write interpret/ files into ``out_dir`` (replaced as a whole, atomically).
 
     ``span_layers``: the vision blocks whose heads get descriptions (an int N: the last N).
     ``k``: descriptions per head. ``max_images``: test images used (a seeded subset).
-    Returns the record also written to interpret.json.
+    ``device``: where to compute (the CLI passes the GPU slot it claimed); None resolves the
+    study's ``device`` here. Returns the record also written to interpret.json.
     """
     started = time.perf_counter()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -205,11 +207,11 @@ def interpret_run(cfg: StudyConfig, run_dir: Path, split_path: Path, store_dir: 
     if not adapter_file.is_file():
         raise ConfigError(f"{run_dir} has no {layout.ADAPTER}; only CLIP-SVD runs can be "
                           "interpreted, after training")
-    device_ = resolve_device(device or cfg.device)
+    device_ = device or resolve_device(cfg.device)
     corpus = load_corpus(corpus_path)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
-    model = loaded.model.to(device_).eval()
+    model = model_to_device(loaded.model, device_).eval()
     images = _test_images(store, split, max_images, int(split.get("seed", 0)))
     depth = len(vision_parts(model).blocks)
     layers = resolve_span_layers(span_layers, depth)
@@ -217,10 +219,17 @@ def interpret_run(cfg: StudyConfig, run_dir: Path, split_path: Path, store_dir: 
              len(images), len(corpus), layers)
 
     def contributions():
-        return head_contributions(model, _batches(images, loaded, device_, cfg.eval_batch_size),
-                                  layers)
+        with batch_size_on_oom("eval_batch_size", cfg.eval_batch_size, device_):
+            return head_contributions(
+                model, _batches(images, loaded, device_, cfg.eval_batch_size), layers)
 
-    text_before = encode_texts(model, loaded.tokenizer, corpus, device_)
+    def texts():
+        with gpu_memory_guard(device_, f"while encoding the {len(corpus)} descriptions",
+                              "free the GPU of other processes, or set device: cpu in the "
+                              "study config"):
+            return encode_texts(model, loaded.tokenizer, corpus, device_)
+
+    text_before = texts()
     before = contributions()
     log.info("original model: head contributions and %d text embeddings done (%.1f s)",
              len(corpus), time.perf_counter() - started)
@@ -228,7 +237,7 @@ def interpret_run(cfg: StudyConfig, run_dir: Path, split_path: Path, store_dir: 
     adapter.load(adapter_file)
     model.eval()
     with adapter.cached():
-        text_after = encode_texts(model, loaded.tokenizer, corpus, device_)
+        text_after = texts()
         after = contributions()
     log.info("adapted model: head contributions done (%.1f s)", time.perf_counter() - started)
     values = singular_value_table(adapter)
