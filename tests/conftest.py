@@ -1,6 +1,7 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -50,3 +51,27 @@ def local_default_study(tmp_path_factory) -> Path:
         raise AssertionError(f"local run of the default study failed:\n{result.stdout[-3000:]}"
                              f"\n{result.stderr[-6000:]}")
     return workdir
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `clipsvd ...` in this process; returns (exit code, stderr). The root logger's
+    handlers (which the CLI replaces) are put back afterwards."""
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+
+    def run(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            from clipsvd import cli
+
+            code = cli.main([str(a) for a in argv])
+        finally:
+            for handler in root.handlers:
+                if handler not in saved:
+                    handler.close()
+            root.handlers[:] = saved
+            root.setLevel(level)
+        return code, capsys.readouterr().err
+
+    return run

@@ -7,7 +7,6 @@ exit code 2, and nothing partial.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from pathlib import Path
@@ -15,30 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipsvd import cli, io
+from clipsvd import io
 from clipsvd.data import prepare as prepare_module
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """`clipsvd ...` in this process: (exit code, stderr); the root logger's handlers are put
-    back afterwards (the CLI replaces them)."""
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-
-    def run(*argv) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            code = cli.main([str(a) for a in argv])
-        finally:
-            for handler in root.handlers:
-                if handler not in saved:
-                    handler.close()
-            root.handlers[:] = saved
-            root.setLevel(level)
-        return code, capsys.readouterr().err
-
-    return run
 
 
 @pytest.fixture

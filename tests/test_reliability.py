@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from clipsvd import cli, config, layout
+from clipsvd import config, layout
 from clipsvd.config import DemoConfig
 from clipsvd.data.demo import generate_demo_dataset
 from clipsvd.data.prepare import prepare_dataset
@@ -72,28 +71,6 @@ def toy(tmp_path_factory) -> Path:
     write_split(root / "split.json", split)
     write_study(root / "study.yaml", study(root))
     return root
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run `clipsvd ...` in this process; returns (exit code, stderr). The root logger's
-    handlers (which the CLI replaces) are put back afterwards."""
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-
-    def run(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            code = cli.main([str(a) for a in argv])
-        finally:
-            for handler in root.handlers:
-                if handler not in saved:
-                    handler.close()
-            root.handlers[:] = saved
-            root.setLevel(level)
-        return code, capsys.readouterr().err
-
-    return run
 
 
 def error_lines(stderr: str, command: str) -> list[str]:

@@ -69,6 +69,18 @@ def _is_write_failure(exc: OSError) -> bool:
 
 
 @contextmanager
+def _write_failures_named(target: Path) -> Iterator[None]:
+    """A full disk or read-only file system while the caller writes becomes one line naming
+    ``target``; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if not _is_write_failure(exc):
+            raise
+        raise _output_error(target, exc) from None
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it into place only if the block succeeds."""
     target = Path(path)
@@ -80,12 +92,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise _output_error(target, exc) from None
     tmp_path = Path(tmp)
     try:
-        try:
+        with _write_failures_named(target):
             yield tmp_path
-        except OSError as exc:
-            if not _is_write_failure(exc):
-                raise
-            raise _output_error(target, exc) from None
         try:
             os.chmod(tmp_path, umask_mode())
             os.replace(tmp_path, target)
@@ -107,12 +115,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise _output_error(target, exc) from None
     try:
-        try:
+        with _write_failures_named(target):
             yield tmp_path
-        except OSError as exc:
-            if not _is_write_failure(exc):
-                raise
-            raise _output_error(target, exc) from None
         try:
             os.chmod(tmp_path, umask_mode(directory=True))
             if target.exists():

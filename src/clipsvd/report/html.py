@@ -106,7 +106,7 @@ def render_page(study: str, config: dict | None, config_facts: list[tuple[str, s
 def interpretation_section(folder: Path, result: dict, top: int = 8, top_heads: int = 3) -> str:
     import pandas as pd
 
-    from ..interpret.aggregate import (DESCRIPTION_SEEDS, GROUP, HEAD_SEEDS, MATRIX_SEEDS,
+    from ..interpret.aggregate import (DESCRIPTION_SEEDS, HEAD_SEEDS, MATRIX_SEEDS,
                                        _select)
 
     def read(name: str) -> pd.DataFrame:
