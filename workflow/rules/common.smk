@@ -133,7 +133,7 @@ def study_runs():
     """(dataset, method, setting, shots, seed) of every run; zero-shot once as K=0."""
     runs = []
     for d in STUDY.datasets:
-        for setting in STUDY.settings:
+        for setting in STUDY.settings_of(d.name):
             for method in STUDY.methods:
                 if method == "zero_shot":
                     runs.append(
@@ -164,6 +164,17 @@ def interpretation_outputs():
         f"{run_dir(*run)}/interpret/interpret.json"
         for run in study_runs()
         if run[1] == "clip_svd"
+    ]
+
+
+def confusion_outputs():
+    """The report's confusion figure of every (dataset, setting) the study runs ({study}
+    left in, as in the report rule's other outputs)."""
+    return [
+        f"{layout.REPORT}/{layout.REPORT_CONFUSION.format(dataset=d.name, setting=setting)}"
+        for setting in STUDY.settings
+        for d in STUDY.datasets
+        if setting in STUDY.settings_of(d.name)
     ]
 
 

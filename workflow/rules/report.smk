@@ -36,11 +36,7 @@ rule report:
         ],
         confusion=[
             report(path, caption="../report/confusion.rst", category="Figures")
-            for path in layout.report_paths(
-                layout.REPORT_CONFUSION,
-                STUDY.settings,
-                [d.name for d in STUDY.datasets],
-            )
+            for path in confusion_outputs()
         ],
         reliability=[
             report(path, caption="../report/reliability.rst", category="Figures")
