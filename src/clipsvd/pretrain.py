@@ -96,6 +96,7 @@ class Recipe:
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     check_steps: tuple[int, ...] = (2,)
     init_seed: int = 0
+    init_scale: float = 1.0  # the transformer blocks' matrices start at this share of open_clip's init
     evaluation: dict = field(default_factory=dict)  # {source name: {split, per_class}}
 
     def as_dict(self) -> dict[str, Any]:
@@ -420,6 +421,21 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return loss, hits
 
 
+def scale_block_matrices(model: torch.nn.Module, factor: float) -> int:
+    """Multiply the weight matrices of every transformer block (attention in/out, MLP) by
+    ``factor``; returns how many. A short run from open_clip's full-scale random init leaves
+    those matrices mostly random (after 300 steps, 8-26 % of their norm had moved), with the
+    flat spectrum of a random matrix; from a tenth of it, what training wrote dominates, and
+    their spectra decay as a long-trained model's do."""
+    scaled = 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 2 and ".resblocks." in name:
+                parameter.mul_(factor)
+                scaled += 1
+    return scaled
+
+
 def _parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on gains, biases, or the logit scale), as open_clip;
     the logit scale in a group of its own, with its own learning rate (``lr_scale`` relative
@@ -578,6 +594,7 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
 
     loaded = load_model(recipe.model, None, recipe.init_seed)
     model = loaded.model
+    scale_block_matrices(model, recipe.init_scale)
     corpus = build_corpus(recipe, data_dir, loaded.image_size, loaded.tokenizer)
     log.info("pretraining %s: %d images of %d concepts from %s, %d captions; %d of %d steps of "
              "%d, %d threads", recipe.model, len(corpus.item_row), len(corpus.concept_names),
