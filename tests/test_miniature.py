@@ -50,7 +50,8 @@ def test_slice_of_the_miniature_study_runs_on_medmnist(tmp_path):
     cfg = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
     (retina,) = [d for d in cfg["datasets"] if d["name"] == "retinamnist"]
     retina["root"] = str(MEDMNIST)
-    cfg.update(datasets=[retina], shots=[1, 2], seeds=[1], study="miniature_slice")
+    cfg.update(datasets=[retina], settings=["few_shot"], shots=[1, 2], seeds=[1],
+               study="miniature_slice")
     cfg["interpret"]["max_images"] = 64
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     result = subprocess.run(
@@ -81,7 +82,10 @@ def _study(**dataset_keys):
 
 def test_dataset_settings_and_crop_overrides_are_checked():
     """A dataset may run a subset of the study's settings, never one the study lacks; a
-    crop-scale override needs low <= high. Both are one line naming the key."""
+    crop-scale override needs low <= high; a study setting that no dataset runs is refused
+    (the report rule would wait for its tables). Each is one line naming the key. Caught when
+    tried: the last check removed (no error). Without it, the slice below with the study's two
+    settings ran every job and then failed in the report rule (base_to_novel.csv missing)."""
     with pytest.raises(config.ConfigError) as info:
         config.from_dict(_study(settings=["base_to_novel"]), "s.yaml")
     assert str(info.value) == ("s.yaml: key 'datasets.0.settings': 'base_to_novel' is not one "
@@ -96,3 +100,9 @@ def test_dataset_settings_and_crop_overrides_are_checked():
     assert cfg.training("clip_svd", "d").flip is False
     assert cfg.training("clip_lora", "d").flip is True
     assert cfg.settings_of("d") == ("few_shot",)
+    both = {**_study(settings=["few_shot"]), "settings": ["few_shot", "base_to_novel"]}
+    with pytest.raises(config.ConfigError) as info:
+        config.from_dict(both, "s.yaml")
+    assert str(info.value) == ("s.yaml: key 'settings': no dataset runs 'base_to_novel' (every "
+                               "dataset's settings leave it out); remove it here or add it to a "
+                               "dataset's settings")

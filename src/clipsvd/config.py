@@ -301,6 +301,13 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
                                   f"exactly one '{{}}' where the class name goes, got {template!r}")
+    run = {s for d in data["datasets"] for s in (d.get("settings") or data["settings"])}
+    for setting in data["settings"]:
+        if setting not in run:
+            # The report would promise that setting's tables and find no run to fill them.
+            raise ConfigError(f"{source}: key 'settings': no dataset runs '{setting}' (every "
+                              "dataset's settings leave it out); remove it here or add it to "
+                              "a dataset's settings")
     for method, cls in METHOD_CONFIGS.items():
         given = raw.get(method) or {}
         section = data[method]
