@@ -1,6 +1,7 @@
 """Interpretation of CLIP-SVD (issue 9): known answers for hand-made changes, and the outputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -242,3 +243,69 @@ def test_interpret_run_writes_well_formed_outputs_and_aggregates(tmp_path):
     section = interpretation_section(tmp_path / "agg", result)
     assert "id='interpretation'" in section and "data:image/png;base64," in section
     assert "vision.layer1.v" in section and "layer 1, head" in section
+
+
+def _demo_images(loaded, per_class: int, seed_offset: int):
+    """Held-out demo-generator images at the model's input size, normalised, with labels."""
+    from clipsvd import pretrain
+
+    recipe = pretrain.load_recipe(pretrain.PRETRAINED_DIR / "mini-clip-medmnist.yaml")
+    (demo,) = [s for s in recipe.sources if s.demo]
+    demo = dataclasses.replace(demo, demo={**demo.demo, "seed": demo.demo["seed"] + seed_offset})
+    source = pretrain.open_source(demo, None, loaded.image_size, held_out={"per_class": per_class})
+    images = torch.from_numpy(source.get(np.arange(len(source)))).float().div(255)
+    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    return (images - mean) / std, torch.from_numpy(source.labels), source.class_names
+
+
+def test_head_ranking_of_a_real_adaptation_is_the_models_own():
+    """CLIP-SVD on the pretrained miniature, trained on 4 demo images per class: the head
+    ranking equals one computed independently from the weights the adapted model really uses
+    (read through its parametrisation, float32), head by head: OV_h = W_out[:, cols_h] ·
+    W_v[rows_h, :]. On pretrained weights the heads changed unequally (the first ranked at
+    least 1.2 times the last), so the order means something. Caught when tried: ov_change
+    taken from the value rows alone (0.593 where the head's circuit changed by 0.323); the
+    output projection split by rows instead of columns (the slices no longer multiply)."""
+    import torch.nn.functional as F
+
+    from clipsvd.models import encode_class_prompts, encode_images
+
+    loaded = load_model("mini-clip", "medmnist")
+    train_x, train_y, names = _demo_images(loaded, 4, seed_offset=7)
+    pretrained = {}
+    blocks = loaded.model.visual.transformer.resblocks
+    width = blocks[0].attn.embed_dim
+    head_dim = width // blocks[0].attn.num_heads
+
+    def ov(layer: int, head: int) -> torch.Tensor:
+        attn = blocks[layer].attn
+        rows = slice(2 * width + head * head_dim, 2 * width + (head + 1) * head_dim)
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        return (attn.out_proj.weight[:, cols] @ attn.in_proj_weight[rows]).detach().double()
+
+    for layer in range(len(blocks)):
+        for head in range(width // head_dim):
+            pretrained[(layer, head)] = ov(layer, head)
+    adapter = SVDAdapter.attach(loaded.model, SVDConfig(encoders=["vision"]))
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=0.005, weight_decay=0.0)
+    scale = loaded.model.logit_scale.detach().exp()
+    loaded.model.train()
+    for _ in range(20):
+        with adapter.cached():
+            text = encode_class_prompts(loaded, names, ["a CT scan showing {}."])
+            loss = F.cross_entropy(scale * encode_images(loaded.model, train_x) @ text.t(), train_y)
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+    loaded.model.eval()
+    heads = head_table(adapter)
+    heads = heads[heads.encoder == "vision"].reset_index(drop=True)
+    with adapter.cached():
+        measured = {key: float((ov(*key) - before).norm() / before.norm())
+                    for key, before in pretrained.items()}
+    for row in heads.itertuples():
+        assert row.ov_change == pytest.approx(measured[(row.layer, row.head)], rel=1e-3)
+    order = sorted(measured, key=lambda key: -measured[key])
+    assert [(r.layer, r.head) for r in heads.itertuples()] == order
+    assert heads["ov_change"].iloc[0] >= 1.2 * heads["ov_change"].iloc[-1]

@@ -21,7 +21,7 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
     cfg["clip_svd"].update(encoders=["vision"], matrices=["v", "mlp"], layers=[1], epochs=5,
                            execution="recompose")
     cfg["threads"] = 2
-    cfg["datasets"][0]["templates"] = ["a {} scan", "an image showing {}"]
+    cfg["datasets"][0]["templates"] = ["a CT scan showing {}.", "an image showing {}"]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
     env_path = f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"
     result = subprocess.run(
@@ -36,11 +36,11 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
         assert sorted(adapter.keys()) == ["vision.layer1.mlp_fc", "vision.layer1.mlp_proj",
                                           "vision.layer1.v"]
     summary = json.loads((run / "train.json").read_text())
-    assert summary["trainable_parameters"] == 3 * 64  # rank 64 each in tiny-clip
+    assert summary["trainable_parameters"] == 3 * 128  # rank 128 each in mini-clip
     assert summary["cpu_threads"] == 2  # the study's threads reach the job
     log = (run / "adapt.log").read_text()
     # the MLP layers would take the factored form under auto; recompose was asked for
-    assert "mlp.c_fc (256x64): recompose for" in log and "factored for" not in log
+    assert "mlp.c_fc (512x128): recompose for" in log and "factored for" not in log
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("knobs")
@@ -51,5 +51,5 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
     assert params["clip_svd.matrices"] == '["v", "mlp"]'
     assert params["clip_svd.layers"] == "[1]"
     assert params["clip_svd.execution"] == "recompose"
-    assert params["templates"] == '["a {} scan", "an image showing {}"]'
-    assert params["trainable_parameters"] == "192"
+    assert params["templates"] == '["a CT scan showing {}.", "an image showing {}"]'
+    assert params["trainable_parameters"] == "384"

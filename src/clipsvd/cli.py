@@ -196,6 +196,19 @@ def cmd_report(args) -> None:
         mirror_report(cfg.study, out_dir, cfg.tracking.uri, cfg.tracking.enabled)
 
 
+def cmd_pretrain(args) -> None:
+    from .pretrain import pretrain
+
+    pretrain(Path(args.recipe), Path(args.data) if args.data else None, Path(args.out),
+             stop_after=args.stop_after)
+
+
+def cmd_vocabulary(args) -> None:
+    from .pretrain import write_tokenizer
+
+    write_tokenizer(Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -298,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log the report folder to MLflow")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders (each holding metrics.json, predictions.csv, run.json)")
+    # Not steps of a study: how the packaged miniature model was made (docs/miniature.md).
+    p = sub.add_parser("pretrain", help="pretrain the miniature CLIP contrastively from a recipe")
+    p.add_argument("--recipe", required=True,
+                   help="e.g. src/clipsvd/pretrained/mini-clip-medmnist.yaml")
+    p.add_argument("--data", help="the folder of the recipe's MedMNIST files")
+    p.add_argument("--out", required=True, help="the weights (.safetensors); a record of the "
+                   "run goes next to it as .json")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps of the recipe "
+                   "(its schedule unchanged), e.g. to compare with its check fingerprints")
+    p.add_argument("--log", help="also write the log to this file")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("vocabulary", help="write the miniature's tokenizer (from its captions, "
+                       "the interpretation corpus and the MedMNIST label names)")
+    p.add_argument("--out", required=True, help="e.g. src/clipsvd/resources/mini-clip-tokenizer")
+    p.add_argument("--log", help="also write the log to this file")
+    p.set_defaults(func=cmd_vocabulary)
     return parser
 
 

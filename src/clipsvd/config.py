@@ -97,6 +97,7 @@ class DatasetConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     overrides: dict = field(default_factory=dict)  # {method: {lr, epochs, ...}} for this dataset
+    settings: tuple[str, ...] | None = None  # None: every setting of the study
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,16 @@ class StudyConfig:
         raise ConfigError(f"dataset '{name}' is not in the study's datasets "
                           f"({', '.join(d.name for d in self.datasets)})")
 
+    def settings_of(self, dataset: str) -> tuple[str, ...]:
+        """The study's settings this dataset runs, in the study's order."""
+        chosen = self.dataset(dataset).settings
+        return tuple(s for s in self.settings if chosen is None or s in chosen)
+
     def training(self, method: str, dataset: str) -> TrainingConfig:
         """The method's training settings with the dataset's overrides applied."""
         base = getattr(self, method)
-        override = dict(self.dataset(dataset).overrides.get(method, {}))
+        override = {key: _tupled(value)
+                    for key, value in self.dataset(dataset).overrides.get(method, {}).items()}
         if "epochs" in override:
             override.setdefault("iterations_per_shot", None)
         elif "iterations_per_shot" in override:
@@ -339,6 +346,16 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
         if dataset.get("demo") and dataset["root"].rstrip("/") != demo_root:
             raise ConfigError(f"{source}: key 'datasets.{i}.root': a demo dataset is generated at "
                               f"{demo_root}; set root to that")
+        extra = sorted(set(dataset.get("settings") or ()) - set(data["settings"]))
+        if extra:
+            raise ConfigError(f"{source}: key 'datasets.{i}.settings': '{extra[0]}' is not one of "
+                              f"the study's settings ({', '.join(data['settings'])}); add it "
+                              "there or remove it here")
+        for method, override in (dataset.get("overrides") or {}).items():
+            scale = override.get("crop_scale")
+            if scale is not None and not scale[0] <= scale[1]:
+                raise ConfigError(f"{source}: key 'datasets.{i}.overrides.{method}.crop_scale': "
+                                  f"need low <= high, got {scale}")
         for j, template in enumerate(dataset["templates"]):
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
@@ -347,6 +364,13 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
         raise ConfigError(f"{source}: key 'methods': linear_probe has weights only for the classes "
                           "it was trained on, so it cannot be tested on novel classes; remove "
                           "linear_probe from methods or base_to_novel from settings")
+    run = {s for d in data["datasets"] for s in (d.get("settings") or data["settings"])}
+    for setting in data["settings"]:
+        if setting not in run:
+            # The report would promise that setting's tables and find no run to fill them.
+            raise ConfigError(f"{source}: key 'settings': no dataset runs '{setting}' (every "
+                              "dataset's settings leave it out); remove it here or add it to "
+                              "a dataset's settings")
     for method, cls in METHOD_CONFIGS.items():
         given = raw.get(method) or {}
         section = data[method]

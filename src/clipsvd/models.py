@@ -11,6 +11,10 @@ The tiny architectures shipped in ``model_configs/`` (``tiny-clip``, ``tiny-timm
 names everywhere. ``tiny-biomedclip`` is BiomedCLIP's layout in miniature (timm ViT trunk, a
 2-layer BERT text tower built by ``transformers`` from ``resources/tiny-bert``); loading it
 needs the ``transformers`` package but no network.
+
+``mini-clip`` (same folder) is the one architecture with shipped weights: ``pretrained:
+medmnist`` loads ``pretrained/mini-clip-medmnist.safetensors``, which ``clipsvd pretrain`` made
+from real medical images (:mod:`clipsvd.pretrain`, docs/miniature.md).
 """
 from __future__ import annotations
 
@@ -38,7 +42,10 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 TIMM_MICRO_VIT = "clipsvd_vit_micro_patch8_64"
+# Weights made by `clipsvd pretrain` and shipped in the package, as (model, tag) -> file.
+PACKAGED_WEIGHTS = {("mini-clip", "medmnist"): "mini-clip-medmnist.safetensors"}
 
 
 def clipsvd_vit_micro_patch8_64(pretrained: bool = False, **kwargs) -> nn.Module:
@@ -90,15 +97,29 @@ def _register_hf_text_configs(folder: Path) -> None:
         factory._MODEL_CONFIGS[path.stem] = config
 
 
+def _register_packaged_weights() -> None:
+    """Make the shipped weights ordinary open_clip pretrained tags (``name: mini-clip``,
+    ``pretrained: medmnist``): open_clip reads a tag's local ``file`` instead of downloading.
+    They were trained with nn.GELU and OpenAI's normalisation (clipsvd.pretrain)."""
+    from open_clip import pretrained as registry
+
+    for (name, tag), file_name in PACKAGED_WEIGHTS.items():
+        registry._PRETRAINED.setdefault(name, {})[tag] = {
+            "file": str(PRETRAINED_DIR / file_name), "quick_gelu": False,
+            "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
+
+
 _register_timm_micro_vit()
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 _register_hf_text_configs(MODEL_CONFIG_DIR)
+_register_packaged_weights()
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
-EXAMPLE_MODELS = ("tiny-clip", "tiny-timm-clip", "tiny-biomedclip", "ViT-B-16", "ViT-B-32",
-                  "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+EXAMPLE_MODELS = ("mini-clip", "tiny-clip", "tiny-timm-clip", "tiny-biomedclip", "ViT-B-16",
+                  "ViT-B-32", "ViT-L-14",
+                  "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
 # The weight files open_clip looks for in a 'local-dir:' folder, most preferred first
 # (open_clip.factory._find_checkpoint_in_dir).
 LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -330,6 +351,11 @@ def _check_request(name: str, pretrained: str | None) -> _Request:
         return _Request(name, None, "random")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
+        packaged = PACKAGED_WEIGHTS.get((name, pretrained))
+        if packaged is not None and not (PRETRAINED_DIR / packaged).is_file():
+            raise ModelError(f"the packaged weights of {name!r} ({pretrained}) are missing: "
+                             f"{PRETRAINED_DIR / packaged}; reinstall clipsvd, or make them "
+                             "with `clipsvd pretrain` (docs/miniature.md)")
         _tag_quick_gelu(name, pretrained)
         return _Request(name, pretrained, "tag")
     if _looks_like_path(pretrained) or os.path.exists(pretrained):

@@ -31,5 +31,7 @@ def torch_generator(seed: int, stream: int = ORDER_STREAM) -> torch.Generator:
     return generator
 
 
-def numpy_rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
+def numpy_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A generator for ``seed``; with ``keys``, an independent stream per key tuple (e.g. one
+    per generated image, so any image can be made without making the ones before it)."""
+    return np.random.default_rng([seed, *keys] if keys else seed)

@@ -256,7 +256,7 @@ def study_runs():
     """(dataset, method, setting, shots, seed) of every run; zero-shot once as K=0."""
     runs = []
     for d in STUDY.datasets:
-        for setting in STUDY.settings:
+        for setting in STUDY.settings_of(d.name):
             for method in STUDY.methods:
                 if method == "zero_shot":
                     runs.append(
@@ -287,6 +287,20 @@ def interpretation_outputs():
         f"{run_dir(*run)}/interpret/interpret.json"
         for run in study_runs()
         if run[1] == "clip_svd"
+    ]
+
+
+def confusion_outputs(ext):
+    """The report's confusion figures ({study} left in, as in the report rule's other outputs):
+    one per method of every (dataset, setting) the study runs."""
+    return [
+        path
+        for setting in STUDY.settings
+        for d in STUDY.datasets
+        if setting in STUDY.settings_of(d.name)
+        for path in layout.report_paths(
+            layout.REPORT_CONFUSION, [setting], [d.name], STUDY.methods, ext=ext
+        )
     ]
 
 

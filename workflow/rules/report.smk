@@ -58,13 +58,7 @@ rule report:
                 category="Figures",
                 subcategory="Confusion matrices",
             )
-            for path in layout.report_paths(
-                layout.REPORT_CONFUSION,
-                STUDY.settings,
-                [d.name for d in STUDY.datasets],
-                STUDY.methods,
-                ext="svg",
-            )
+            for path in confusion_outputs("svg")
         ],
         reliability=[
             report(
@@ -77,13 +71,7 @@ rule report:
                 layout.REPORT_RELIABILITY, STUDY.settings, ext="svg"
             )
         ],
-        figures_png=layout.report_paths(
-            layout.REPORT_CONFUSION,
-            STUDY.settings,
-            [d.name for d in STUDY.datasets],
-            STUDY.methods,
-            ext="png",
-        )
+        figures_png=confusion_outputs("png")
         + layout.report_paths(layout.REPORT_RELIABILITY, STUDY.settings, ext="png"),
         latex=layout.report_paths(
             layout.REPORT_SETTING_TABLE, STUDY.settings, ext="tex"
