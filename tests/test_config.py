@@ -152,12 +152,18 @@ def test_a_dataset_override_can_choose_the_layers():
                                                "overrides": {"clip_svd": {"layers": "upper"}}}]})
 
 
-def test_linear_probe_is_refused_with_base_to_novel():
+def test_linear_probe_sits_out_base_to_novel():
     """The probe has weights only for its training (base) classes: on novel classes it would
-    score class i with base class i's weights, a silent wrong result. Catches the check gone."""
-    with pytest.raises(ConfigError, match="remove linear_probe from methods or base_to_novel"):
+    score class i with base class i's weights, a silent wrong result. So it runs in few-shot
+    only, and a study with no few-shot setting cannot ask for it. Catches the probe listed
+    among base-to-novel's methods, and the check gone."""
+    with pytest.raises(ConfigError, match="remove linear_probe from methods or add few_shot"):
         config.from_dict(with_(methods=["zero_shot", "linear_probe"], settings=["base_to_novel"]))
     assert config.from_dict(with_(methods=["zero_shot", "clip_svd"], settings=["base_to_novel"]))
+    both = config.from_dict(with_(methods=["zero_shot", "linear_probe", "clip_svd"],
+                                  settings=["few_shot", "base_to_novel"]))
+    assert both.methods_of("few_shot") == ("zero_shot", "linear_probe", "clip_svd")
+    assert both.methods_of("base_to_novel") == ("zero_shot", "clip_svd")
 
 
 def test_command_line_values_are_typed_as_in_a_study_file():

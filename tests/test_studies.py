@@ -60,7 +60,8 @@ def shipped() -> list[str]:
 
 
 # Shipped studies whose datasets are not BiomedCoOp split files: tested where their data is.
-TESTED_ELSEWHERE = {"medmnist_few_shot": "tests/test_medmnist_real.py"}
+TESTED_ELSEWHERE = {"medmnist_few_shot": "tests/test_medmnist_real.py",
+                    "miniature": "tests/test_miniature.py"}
 
 
 def test_every_shipped_study_has_documented_job_counts():

@@ -199,6 +199,13 @@ class StudyConfig:
         raise ConfigError(f"dataset '{name}' is not in the study's datasets "
                           f"({', '.join(d.name for d in self.datasets)})")
 
+    def methods_of(self, setting: str) -> tuple[str, ...]:
+        """The study's methods that run in ``setting``: the linear probe has weights only for
+        the classes it was trained on, so it has no score for novel classes and sits out
+        base-to-novel (as in the paper's base-to-novel tables)."""
+        return tuple(m for m in self.methods
+                     if not (m == "linear_probe" and setting == "base_to_novel"))
+
     def settings_of(self, dataset: str) -> tuple[str, ...]:
         """The study's settings this dataset runs, in the study's order."""
         chosen = self.dataset(dataset).settings
@@ -360,10 +367,11 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
                                   f"exactly one '{{}}' where the class name goes, got {template!r}")
-    if "linear_probe" in data["methods"] and "base_to_novel" in data["settings"]:
+    if "linear_probe" in data["methods"] and "few_shot" not in data["settings"]:
         raise ConfigError(f"{source}: key 'methods': linear_probe has weights only for the classes "
-                          "it was trained on, so it cannot be tested on novel classes; remove "
-                          "linear_probe from methods or base_to_novel from settings")
+                          "it was trained on, so it runs in few_shot only and this study has no "
+                          "few_shot setting; remove linear_probe from methods or add few_shot to "
+                          "settings")
     run = {s for d in data["datasets"] for s in (d.get("settings") or data["settings"])}
     for setting in data["settings"]:
         if setting not in run:

@@ -257,7 +257,7 @@ def study_runs():
     runs = []
     for d in STUDY.datasets:
         for setting in STUDY.settings_of(d.name):
-            for method in STUDY.methods:
+            for method in STUDY.methods_of(setting):
                 if method == "zero_shot":
                     runs.append(
                         (
@@ -299,7 +299,7 @@ def confusion_outputs(ext):
         for d in STUDY.datasets
         if setting in STUDY.settings_of(d.name)
         for path in layout.report_paths(
-            layout.REPORT_CONFUSION, [setting], [d.name], STUDY.methods, ext=ext
+            layout.REPORT_CONFUSION, [setting], [d.name], STUDY.methods_of(setting), ext=ext
         )
     ]
 
