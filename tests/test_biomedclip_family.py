@@ -149,7 +149,9 @@ def test_svd_logits_equal_the_unadapted_model_at_init(base, images, grad):
     with torch.set_grad_enabled(grad):
         expected = predict(reference, images)
         got = predict(adapted, images)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    # float32 round-off of U·diag(s)·Vᵀ against W (observed 1e-4 on logits of 10-16), so the
+    # bound is relative to the logits' size.
+    assert torch.allclose(got, expected, atol=1e-5, rtol=2e-5)
 
 
 def test_svd_only_singular_values_get_gradients(base, images):
