@@ -339,6 +339,8 @@ def slurm_resources(rule: str, env: dict[str, str]) -> dict[str, object]:
     os.environ.clear()
     os.environ.update(env)
     try:
+        if isinstance(threads, str):  # capped: an expression of the environment
+            threads = eval(threads, {"__builtins__": __builtins__})  # noqa: S307 (profile)
         return {key: eval(str(value), {"__builtins__": __builtins__},  # noqa: S307 (profile)
                           {"attempt": 1, "threads": threads})
                 for key, value in values.items()}
