@@ -133,7 +133,8 @@ def test_a_slice_of_the_medmnist_study_runs_through_snakemake(tmp_path):
         capture_output=True, text=True, env=workflow_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     results = tmp_path / "results"
-    provenance = json.loads((results / "prepared/retinamnist/provenance.json").read_text())
+    (store,) = (results / "prepared" / "retinamnist").iterdir()  # the store under its key
+    provenance = json.loads((store / "provenance.json").read_text())
     assert {s: v["images"] for s, v in provenance["splits"].items()} == \
         OFFICIAL["retinamnist"]["counts"]
     table = pd.read_csv(results / "report" / study["study"] / "accuracy.csv")
