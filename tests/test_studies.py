@@ -59,8 +59,10 @@ def shipped() -> list[str]:
     return sorted(p.stem for p in STUDIES.glob("*.yaml"))
 
 
-# Shipped studies whose datasets are not BiomedCoOp split files: tested where their data is.
-TESTED_ELSEWHERE = {"medmnist_few_shot": "tests/test_medmnist_real.py"}
+# Shipped studies whose datasets are not BiomedCoOp split files: tested where their data is
+# (MedMNIST files, the template's generated folder).
+TESTED_ELSEWHERE = {"medmnist_few_shot": "tests/test_medmnist_real.py",
+                    "template": "tests/test_workflow.py"}
 
 
 def test_every_shipped_study_has_documented_job_counts():
