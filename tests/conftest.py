@@ -50,6 +50,17 @@ def warm_workers(tmp_path_factory):
             pass
 
 
+def _run_default_study(workdir: Path, env: dict[str, str], *options: str) -> Path:
+    shutil.copytree(ROOT / "config", workdir / "config")
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "Snakefile"),
+         "--directory", str(workdir), *options], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise AssertionError(f"local run of the default study failed:\n{result.stdout[-3000:]}"
+                             f"\n{result.stderr[-6000:]}")
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def local_default_study(tmp_path_factory) -> Path:
     """The default study (config/) run once locally; read-only for the tests that use it.
@@ -59,22 +70,23 @@ def local_default_study(tmp_path_factory) -> Path:
     gpu=2` with CLIPSVD_FAKE_GPUS=2, tests/test_devices.py) and the reference that the SLURM
     run must reproduce (tests/test_slurm.py). Every rule job gets the same threads as under
     `--cores 2` (no rule asks for more than 2), so the results are those of a `--cores 2` run;
-    fake GPUs compute on the CPU. Every job runs in its own interpreter (CLIPSVD_WORKER=off):
-    this study is the reference a study of forked jobs must reproduce (tests/test_worker.py),
-    and Snakemake's benchmark files then measure the jobs themselves
-    (tests/test_job_resources.py).
+    fake GPUs compute on the CPU. Its jobs are forked from warm workers (clipsvd.worker) in the
+    session's worker folder.
     """
-    workdir = tmp_path_factory.mktemp("local-default-study")
-    shutil.copytree(ROOT / "config", workdir / "config")
-    env = {**workflow_env(), "CLIPSVD_FAKE_GPUS": str(FAKE_GPUS), "CLIPSVD_WORKER": "off"}
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "Snakefile"),
-         "--directory", str(workdir), "--cores", "4", "--resources", f"gpu={FAKE_GPUS}"],
-        capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise AssertionError(f"local run of the default study failed:\n{result.stdout[-3000:]}"
-                             f"\n{result.stderr[-6000:]}")
-    return workdir
+    env = {**workflow_env(), "CLIPSVD_FAKE_GPUS": str(FAKE_GPUS)}
+    return _run_default_study(tmp_path_factory.mktemp("local-default-study"), env,
+                              "--cores", "4", "--resources", f"gpu={FAKE_GPUS}")
+
+
+@pytest.fixture(scope="session")
+def own_process_study(tmp_path_factory) -> Path:
+    """The default study's K = 1, seed 1 runs (and zero-shot) with every job in its own
+    interpreter (CLIPSVD_WORKER=off), at `--cores 2`: the reference the forked jobs of
+    local_default_study must reproduce byte for byte (tests/test_worker.py), and jobs whose
+    memory Snakemake's benchmark files measure (tests/test_job_resources.py)."""
+    env = {**workflow_env(), "CLIPSVD_WORKER": "off"}
+    return _run_default_study(tmp_path_factory.mktemp("own-process-study"), env,
+                              "--cores", "2", "--config", "shots=[1]", "seeds=[1]")
 
 
 @pytest.fixture

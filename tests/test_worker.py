@@ -27,6 +27,7 @@ def _env(folder: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CLIPSVD_WORKER_DIR": str(folder),
            "CLIPSVD_WORKER_IDLE": "120"}
     env.pop("CLIPSVD_WORKER", None)
+    env.pop("PYTEST_CURRENT_TEST", None)  # pytest's own, which differs between fixture and test
     return {**env, **extra}
 
 
@@ -62,15 +63,26 @@ def _wait_for(condition, seconds: float = 60.0) -> bool:
     return False
 
 
+def _serving(folder: Path, cwd: Path, env: dict[str, str]) -> Path:
+    """The socket of the worker that serves callers with env in cwd, once it serves. The first
+    demo-data job starts the worker and runs itself (a light job does not wait for the
+    imports); a later one is forked from the worker."""
+    before = set(folder.glob("*.sock"))
+    first = _clipsvd(["demo-data", "--out", "first", "--per-class", "1"], env, cwd)
+    assert first.returncode == 0, first.stderr
+    assert _wait_for(lambda: set(folder.glob("*.sock")) - before, 180), "no worker came up"
+    assert not _served_jobs(folder, cwd)
+    again = _clipsvd(["demo-data", "--out", "again", "--per-class", "1"], env, cwd)
+    assert again.returncode == 0, again.stderr
+    assert len(_served_jobs(folder, cwd)) == 1
+    return (set(folder.glob("*.sock")) - before).pop()
+
+
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory) -> Path:
-    """A worker folder whose worker is serving (its first job started it and waited for it)."""
+    """A worker folder whose worker is serving."""
     folder = tmp_path_factory.mktemp("module-workers")
-    first = tmp_path_factory.mktemp("first-job")
-    done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"], _env(folder), first)
-    assert done.returncode == 0, done.stderr
-    assert len(list(folder.glob("*.sock"))) == 1
-    assert _served_jobs(folder, first), "the first job did not run in the worker it started"
+    _serving(folder, tmp_path_factory.mktemp("first-job"), _env(folder))
     return folder
 
 
@@ -130,10 +142,7 @@ def test_another_environment_gets_another_worker_and_off_gets_none(workers, tmp_
     """Catches: a job run by a worker that imported its modules under another setting (another
     CLIPSVD_* variable, another PYTHONPATH), and CLIPSVD_WORKER=off being ignored."""
     before = set(workers.glob("*.sock"))
-    done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"],
-                    _env(workers, CLIPSVD_SVD_CACHE="off"), tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert len(set(workers.glob("*.sock")) - before) == 1
+    assert _serving(workers, tmp_path, _env(workers, CLIPSVD_SVD_CACHE="off")) not in before
     off = tmp_path / "off"
     off.mkdir()
     done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"],
@@ -143,10 +152,8 @@ def test_another_environment_gets_another_worker_and_off_gets_none(workers, tmp_
 
 def test_an_idle_worker_exits_and_removes_its_socket(tmp_path):
     folder = tmp_path / "workers"
-    done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"],
-                    _env(folder, CLIPSVD_WORKER_IDLE="1"), tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert _served_jobs(folder, tmp_path)
+    folder.mkdir()
+    _serving(folder, tmp_path, _env(folder, CLIPSVD_WORKER_IDLE="5"))
     pid = int(next(folder.glob("*.pid")).read_text())
     assert _wait_for(lambda: not _alive(pid), 30)
     assert not list(folder.glob("*.sock")) and not list(folder.glob("*.pid"))
@@ -186,24 +193,25 @@ def _snakemake(work: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def _k1_seed1(runs: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in runs.items()
+            if "/zero_shot/" in k or ("/shots1/" in k and "/seed1/" in k)}
+
+
 @pytest.mark.slow
 def test_a_study_of_forked_jobs_is_bit_identical_to_one_process_per_job(
-        local_default_study, tmp_path):
+        local_default_study, own_process_study, warm_workers):
     """The default study through warm workers gives every run's adapter, predictions, training
     history, metrics and interpretation byte for byte as the study whose every job had its own
-    interpreter. Catches: state that leaks from the worker into its jobs (RNG states, thread
-    counts, cached models or SVD factors)."""
-    work = _study_dir(tmp_path)
-    env = {**workflow_env(), "CLIPSVD_WORKER_DIR": str(tmp_path / "workers")}
-    done = subprocess.run(_snakemake(work), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    served = _served_jobs(tmp_path / "workers", work)
+    interpreter (its K = 1, seed 1 runs and zero-shot). Catches: state that leaks from the
+    worker into its jobs (RNG states, thread counts, cached models or SVD factors)."""
+    served = _served_jobs(warm_workers, local_default_study)
     assert len(served) >= 50, len(served)  # nearly every job of the study (61)
-    ours, reference = _run_files(work / "results"), _run_files(local_default_study / "results")
-    assert len(reference) > 80 and ours.keys() == reference.keys()
+    ours = _k1_seed1(_run_files(local_default_study / "results"))
+    reference = _run_files(own_process_study / "results")
+    assert not _served_jobs(warm_workers, own_process_study)
+    assert len(reference) >= 15 and ours.keys() == reference.keys()
     assert [k for k in ours if ours[k] != reference[k]] == []
-    assert (work / "results/report/demo/accuracy.csv").read_bytes() == \
-        (local_default_study / "results/report/demo/accuracy.csv").read_bytes()
 
 
 @pytest.mark.slow
@@ -231,6 +239,10 @@ def test_a_study_killed_mid_run_completes_on_rerun_with_the_same_files(
     jobs = _served_jobs(tmp_path / "workers", work)
     assert _wait_for(lambda: not any(_alive(pid) for pid in jobs), 30)
     done_before = len(list(runs.rglob("metrics.json")))
+    # What a user does after a lost node: unlock the folder (a killed Snakemake leaves its lock),
+    # then rerun what was incomplete.
+    unlock = subprocess.run(_snakemake(work, "--unlock"), capture_output=True, text=True, env=env)
+    assert unlock.returncode == 0, unlock.stderr[-2000:]
     rerun = subprocess.run(_snakemake(work, "--config", "shots=[1,2]", "seeds=[1]",
                                       "--rerun-incomplete"),
                            capture_output=True, text=True, env=env)
@@ -238,6 +250,7 @@ def test_a_study_killed_mid_run_completes_on_rerun_with_the_same_files(
     ours = _run_files(work / "results")
     reference = {k: v for k, v in _run_files(local_default_study / "results").items()
                  if "/zero_shot/" in k or ("/seed1/" in k and "/shots4/" not in k)}
+    assert len(reference) >= 30
     assert done_before < len(list(runs.rglob("metrics.json")))
     assert ours.keys() == reference.keys()
     assert [k for k in ours if ours[k] != reference[k]] == []

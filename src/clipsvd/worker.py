@@ -35,6 +35,9 @@ IDLE_ENV = "CLIPSVD_WORKER_IDLE"
 # Subcommands worth a warm interpreter: every one a rule runs (validate and --help are cheap).
 SUBCOMMANDS = {"demo-data", "prepare", "sample", "features", "adapt", "evaluate", "interpret",
                "report", "sync"}
+# Jobs whose own imports take about a second: while a worker starts, they run in the caller
+# rather than wait for it.
+LIGHT = {"demo-data", "sample"}
 # What the worker imports before it serves: everything a rule's job imports that takes time.
 PRELOAD = ("open_clip", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
            "mlflow.store.db.utils", "mlflow.store.artifact.local_artifact_repo", "alembic.command",
@@ -66,9 +69,15 @@ def worker_key(environ: dict[str, str] | None = None) -> str:
     worker."""
     environ = dict(os.environ if environ is None else environ)
     env = sorted((k, v) for k, v in environ.items() if k not in _ENV_IGNORED)
-    text = json.dumps([sys.executable, sys.version, sys.path, str(Path(__file__).resolve()),
-                       _package_files(), env])
+    text = json.dumps([sys.executable, sys.version, _import_path(os.getcwd()),
+                       str(Path(__file__).resolve()), _package_files(), env])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _import_path(cwd: str, placeholder: str = "<cwd>") -> list[str]:
+    """sys.path with the working directory (first with ``python -m``) as a placeholder: a
+    job's import path is the worker's with its own working directory in that place."""
+    return [placeholder if entry in ("", cwd) else entry for entry in sys.path]
 
 
 def socket_dir() -> Path:
@@ -125,7 +134,11 @@ def run_in_worker(argv: list[str]) -> int | None:
     path = folder / f"{worker_key()}.sock"
     conn = _connect(path)
     if conn is None:
-        conn = _wait_for_worker(path, _start_worker(folder, path))
+        alive = _worker_pid(path) is not None  # another caller's worker, still importing
+        started = None if alive else _start_worker(folder, path)
+        if argv[0] in LIGHT or (started is None and not alive):
+            return None
+        conn = _wait_for_worker(path, started)
     if conn is None:
         return None
     streams = _standard_streams()
@@ -133,17 +146,17 @@ def run_in_worker(argv: list[str]) -> int | None:
         socket.send_fds(conn, [b"j"], streams)
         _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
                      "umask": _current_umask()})
-        started = _receive(conn)
+        reply = _receive(conn)
     except OSError:
-        started = None
+        reply = None
     finally:
         for given, fd in zip((0, 1, 2), streams):
             if fd != given:
                 os.close(fd)
-    if not started:  # the worker went away before the job started: run it here
+    if not reply:  # the worker went away before the job started: run it here
         conn.close()
         return None
-    pid = started["pid"]
+    pid = reply["pid"]
 
     def forward(signum, _frame):
         try:
@@ -220,17 +233,16 @@ def _worker_pid(path: Path) -> int | None:
 
 
 def _wait_for_worker(path: Path, started, timeout: float = 180.0) -> socket.socket | None:
-    """Connect once the worker serves. A worker that ends first (the one this caller started
-    lost the race to another caller's, or an import failed) ends the wait unless another
-    worker for the same callers is alive."""
-    if started is None:
-        return None
+    """Connect once the worker serves: the one this caller started, or one another caller
+    started (still importing). The wait ends when neither is alive (an import failed, or no
+    worker could start)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         conn = _connect(path)
         if conn is not None:
             return conn
-        if started.poll() is not None and _worker_pid(path) is None:
+        ours_alive = started is not None and started.poll() is None
+        if not ours_alive and _worker_pid(path) is None:
             return None
         time.sleep(0.05)
     return None
@@ -396,6 +408,7 @@ def _fork_job(conn: socket.socket, inherited: list, wake: tuple[int, int]) -> in
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
+        sys.path[:] = _import_path(os.getcwd(), request["cwd"])
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
