@@ -254,3 +254,21 @@ def test_a_study_killed_mid_run_completes_on_rerun_with_the_same_files(
     assert done_before < len(list(runs.rglob("metrics.json")))
     assert ours.keys() == reference.keys()
     assert [k for k in ours if ours[k] != reference[k]] == []
+
+
+def test_a_worker_outlives_the_folder_it_was_started_in(tmp_path):
+    """Catches: a worker whose jobs fail once the study folder it was started from is gone
+    (removed after a finished study, while the worker idles)."""
+    import shutil
+
+    folder = tmp_path / "workers"
+    first = tmp_path / "first"
+    first.mkdir()
+    env = _env(folder)
+    _serving(folder, first, env)
+    shutil.rmtree(first)
+    later = tmp_path / "later"
+    later.mkdir()
+    done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"], env, later)
+    assert done.returncode == 0, done.stderr
+    assert _served_jobs(folder, later) and (later / "d" / "manifest.csv").is_file()

@@ -10,8 +10,8 @@ holds nothing of an earlier job), so its results are those of a fresh process; t
 forwards SIGINT/SIGTERM/SIGHUP to it, and a job whose caller is killed is killed with it.
 
 When no worker answers, the caller starts one and waits until it serves (its imports are the
-ones the job would make itself), running the job itself only if the worker cannot start; the
-worker exits after ``CLIPSVD_WORKER_IDLE`` seconds (default 60) without jobs. A worker serves
+ones the job would make itself), running the job itself only if the worker cannot start or the
+job is a light one (``LIGHT``: it runs while the worker imports); the worker exits after ``CLIPSVD_WORKER_IDLE`` seconds (default 60) without jobs. A worker serves
 only callers with the same interpreter, import path, package files and environment (its socket
 is named by a digest of them), so an edited source file or another ``CLIPSVD_*`` setting gets a
 fresh one. ``CLIPSVD_WORKER=off`` runs every job in its own interpreter, as does any job of a
@@ -51,6 +51,7 @@ FORK_SAFE_THREADS = ("numpy", "pandas", "sklearn.linear_model", "torch")
 # Variables that differ between the jobs of one Snakemake run without changing what a job does.
 _ENV_IGNORED = {"PWD", "OLDPWD", "SHLVL", "_"}
 _HEADER = struct.Struct("!I")
+_STARTED_IN = ""  # the worker's working directory when it started
 
 
 def _package_files() -> list[tuple[str, int, int]]:
@@ -82,7 +83,7 @@ def _import_path(cwd: str, placeholder: str = "<cwd>") -> list[str]:
 
 def socket_dir() -> Path:
     if os.environ.get(DIR_ENV):
-        return Path(os.environ[DIR_ENV])
+        return Path(os.environ[DIR_ENV]).absolute()
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) if runtime and os.access(runtime, os.W_OK) else Path("/tmp")
     return base / f"clipsvd-workers-{os.getuid()}"
@@ -268,6 +269,11 @@ def serve(path: Path) -> None:
         return  # another worker for these callers is starting or serving
     pid_file = path.with_suffix(".pid")
     pid_file.write_text(str(os.getpid()))
+    # The folder it was started in may be removed while it serves (a finished study's); its
+    # jobs' import path names the folder each caller is in instead (_fork_job).
+    global _STARTED_IN
+    _STARTED_IN = os.getcwd()
+    os.chdir("/")
     try:
         listener = _preload_and_listen(path)
         if listener is not None:
@@ -408,7 +414,7 @@ def _fork_job(conn: socket.socket, inherited: list, wake: tuple[int, int]) -> in
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        sys.path[:] = _import_path(os.getcwd(), request["cwd"])
+        sys.path[:] = _import_path(_STARTED_IN, request["cwd"])
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
