@@ -227,9 +227,9 @@ def check_study(checks: Checks, work: Path, rehearsal: bool, gpus: int) -> None:
         return
     # The jobs are forked from a warm worker (clipsvd.worker) that never touched CUDA; each
     # child initialises CUDA itself. The checks below then show CUDA works in forked jobs.
-    forked = sum(len(re.findall(rf"^.* job \d+: \S+ in {re.escape(str(work))}$",
-                                log.read_text(), re.M))
-                 for log in (work / "workers").glob("*.log"))
+    from clipsvd.worker import jobs_served
+
+    forked = len(jobs_served(work / "workers", work))
     checks.check("jobs forked from a warm worker", forked >= (int(jobs[-1][1]) - 2 if jobs else 1),
                  f"{forked} of {jobs[-1][1] if jobs else '?'} jobs")
     results = work / "results"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clipsvd.worker import jobs_served
 from conftest import workflow_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,16 +34,6 @@ def _env(folder: Path, **extra: str) -> dict[str, str]:
 def _clipsvd(args, env, cwd, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clipsvd", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def _served_jobs(folder: Path, cwd: Path) -> list[int]:
-    """The pids of the jobs the folder's workers forked for callers in cwd."""
-    pids = []
-    for log in folder.glob("*.log"):
-        for match in re.finditer(r"job (\d+): \S+ in (.+)$", log.read_text(), re.M):
-            if match[2] == str(cwd):
-                pids.append(int(match[1]))
-    return pids
 
 
 def _alive(pid: int) -> bool:
@@ -71,10 +61,10 @@ def _serving(folder: Path, cwd: Path, env: dict[str, str]) -> Path:
     first = _clipsvd(["demo-data", "--out", "first", "--per-class", "1"], env, cwd)
     assert first.returncode == 0, first.stderr
     assert _wait_for(lambda: set(folder.glob("*.sock")) - before, 180), "no worker came up"
-    assert not _served_jobs(folder, cwd)
+    assert not jobs_served(folder, cwd)
     again = _clipsvd(["demo-data", "--out", "again", "--per-class", "1"], env, cwd)
     assert again.returncode == 0, again.stderr
-    assert len(_served_jobs(folder, cwd)) == 1
+    assert len(jobs_served(folder, cwd)) == 1
     return (set(folder.glob("*.sock")) - before).pop()
 
 
@@ -99,7 +89,7 @@ def test_a_forked_job_has_the_callers_cwd_umask_streams_and_status(workers, tmp_
     done = _clipsvd(["demo-data", "--out", "data", "--per-class", "2"], _env(workers), here,
                     preexec_fn=lambda: os.umask(0o077))
     assert done.returncode == 0, done.stderr
-    assert _served_jobs(workers, here)
+    assert jobs_served(workers, here)
     assert "demo dataset: 8 images of 4 classes written to data" in done.stderr
     files = [p for p in (here / "data").rglob("*")]
     assert files and all(p.stat().st_mode & 0o077 == 0 for p in files), \
@@ -108,14 +98,14 @@ def test_a_forked_job_has_the_callers_cwd_umask_streams_and_status(workers, tmp_
     own.mkdir()
     alone = _clipsvd(["demo-data", "--out", "data", "--per-class", "2"],
                      _env(workers, CLIPSVD_WORKER="off"), own)
-    assert alone.returncode == 0 and not _served_jobs(workers, own)
+    assert alone.returncode == 0 and not jobs_served(workers, own)
     assert _tree(here / "data") == _tree(own / "data")
 
     refused = _clipsvd(["demo-data", "--per-class", "2"], _env(workers), here)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         "clipsvd demo-data: error: demo-data: give --out DIR (or --config and --dataset)")
-    assert len(_served_jobs(workers, here)) == 2
+    assert len(jobs_served(workers, here)) == 2
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
@@ -126,8 +116,8 @@ def test_a_job_ends_with_its_caller(workers, tmp_path, signum):
     caller = subprocess.Popen([sys.executable, "-m", "clipsvd", "demo-data", "--out", "big",
                                "--per-class", "4000", "--image-size", "128"],
                               env=_env(workers), cwd=tmp_path, stderr=subprocess.PIPE)
-    assert _wait_for(lambda: _served_jobs(workers, tmp_path)), "the job never reached the worker"
-    job = _served_jobs(workers, tmp_path)[0]
+    assert _wait_for(lambda: jobs_served(workers, tmp_path)), "the job never reached the worker"
+    job = jobs_served(workers, tmp_path)[0]
     time.sleep(1.0)
     assert _alive(job) and caller.poll() is None
     caller.send_signal(signum)
@@ -147,7 +137,7 @@ def test_another_environment_gets_another_worker_and_off_gets_none(workers, tmp_
     off.mkdir()
     done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"],
                     _env(workers, CLIPSVD_WORKER="off", CLIPSVD_SVD_CACHE="off"), off)
-    assert done.returncode == 0 and not _served_jobs(workers, off)
+    assert done.returncode == 0 and not jobs_served(workers, off)
 
 
 def test_an_idle_worker_exits_and_removes_its_socket(tmp_path):
@@ -205,11 +195,11 @@ def test_a_study_of_forked_jobs_is_bit_identical_to_one_process_per_job(
     history, metrics and interpretation byte for byte as the study whose every job had its own
     interpreter (its K = 1, seed 1 runs and zero-shot). Catches: state that leaks from the
     worker into its jobs (RNG states, thread counts, cached models or SVD factors)."""
-    served = _served_jobs(warm_workers, local_default_study)
+    served = jobs_served(warm_workers, local_default_study)
     assert len(served) >= 50, len(served)  # nearly every job of the study (61)
     ours = _k1_seed1(_run_files(local_default_study / "results"))
     reference = _run_files(own_process_study / "results")
-    assert not _served_jobs(warm_workers, own_process_study)
+    assert not jobs_served(warm_workers, own_process_study)
     assert len(reference) >= 15 and ours.keys() == reference.keys()
     assert [k for k in ours if ours[k] != reference[k]] == []
 
@@ -236,7 +226,7 @@ def test_a_study_killed_mid_run_completes_on_rerun_with_the_same_files(
     finally:
         os.killpg(study.pid, signal.SIGKILL)
         study.wait()
-    jobs = _served_jobs(tmp_path / "workers", work)
+    jobs = jobs_served(tmp_path / "workers", work)
     assert _wait_for(lambda: not any(_alive(pid) for pid in jobs), 30)
     done_before = len(list(runs.rglob("metrics.json")))
     # What a user does after a lost node: unlock the folder (a killed Snakemake leaves its lock),
@@ -271,4 +261,4 @@ def test_a_worker_outlives_the_folder_it_was_started_in(tmp_path):
     later.mkdir()
     done = _clipsvd(["demo-data", "--out", "d", "--per-class", "1"], env, later)
     assert done.returncode == 0, done.stderr
-    assert _served_jobs(folder, later) and (later / "d" / "manifest.csv").is_file()
+    assert jobs_served(folder, later) and (later / "d" / "manifest.csv").is_file()

@@ -11,16 +11,15 @@ from contextlib import contextmanager
 
 _started = time.perf_counter()
 _spent: dict[str, float] = {}
-
-
 _jobs = 0
 
 
-def begin_job(fork: bool = False) -> None:
+def begin_job() -> None:
     """A process's first job started with the process (its start-up and imports are part of
-    it); a job forked from a warm worker, or a later job of the same process, starts now."""
+    it); a later job of the same process, or one forked from a warm worker (which counts its
+    own start as the first), starts now."""
     global _started, _jobs
-    if fork or _jobs:
+    if _jobs:
         _started = time.perf_counter()
     _jobs += 1
     _spent.clear()

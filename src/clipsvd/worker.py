@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -121,6 +122,18 @@ def _receive(conn: socket.socket) -> dict | None:
         return None
     body = exactly(_HEADER.unpack(header)[0])
     return None if body is None else json.loads(body)
+
+
+def jobs_served(folder: Path, cwd: Path) -> list[int]:
+    """The pids of the jobs that the workers of a socket folder forked for callers in cwd, as
+    their logs list them (tests and benchmarks/gpu_first_run.py check that jobs were forked)."""
+    pids = []
+    for log in Path(folder).glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            found = re.fullmatch(r".* job (\d+): \S+ in (.+)", line)
+            if found and found[2] == str(cwd):
+                pids.append(int(found[1]))
+    return pids
 
 
 # ----------------------------------------------------------------------------- the caller
@@ -305,9 +318,10 @@ def _preload_and_listen(path: Path) -> socket.socket | None:
     else:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml
 
-    from clipsvd import config
+    from clipsvd import config, timing
 
     config._load_schema()  # every job validates its config against it
+    timing.begin_job()  # the worker's own start: each forked job's clock starts at cli.main
 
     # A fork is only sound with no Python thread, no OpenMP pool and no CUDA context (none of
     # them survives a fork); if an import started one, serve nothing.
@@ -396,7 +410,7 @@ def _fork_job(conn: socket.socket, inherited: list, wake: tuple[int, int]) -> in
     if pid:
         for fd in fds:
             os.close(fd)
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {pid}: {' '.join(request['argv'][:1])} "
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {pid}: {request['argv'][0]} "
               f"in {request['cwd']}", flush=True)
         return pid
     # The child: become the caller's job.
@@ -422,9 +436,8 @@ def _fork_job(conn: socket.socket, inherited: list, wake: tuple[int, int]) -> in
         sys.argv = [str(Path(__file__).with_name("__main__.py")), *request["argv"]]
         _send(conn, {"pid": os.getpid()})
         _die_with_caller(conn)
-        from clipsvd import cli, timing
+        from clipsvd import cli
 
-        timing.begin_job(fork=True)  # the clock starts at the fork
         code = cli.main(request["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
