@@ -211,7 +211,8 @@ def write_study(work: Path, device: str) -> dict:
 
 def check_study(checks: Checks, work: Path, rehearsal: bool, gpus: int) -> None:
     study = write_study(work, "auto" if rehearsal else "cuda")
-    env = {"CLIPSVD_GPU_POLL_SECONDS": "1", "CLIPSVD_FAKE_GPUS": "1" if rehearsal else ""}
+    env = {"CLIPSVD_GPU_POLL_SECONDS": "1", "CLIPSVD_FAKE_GPUS": "1" if rehearsal else "",
+           "CLIPSVD_WORKER_DIR": str(work / "workers")}  # a worker of its own, started cold
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     command = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(work),
                "--cores", str(os.cpu_count() or 2), "--resources", f"gpu={gpus}"]
@@ -224,6 +225,13 @@ def check_study(checks: Checks, work: Path, rehearsal: bool, gpus: int) -> None:
                         f"{study['seeds']}"):
         print(out[-4000:])
         return
+    # The jobs are forked from a warm worker (clipsvd.worker) that never touched CUDA; each
+    # child initialises CUDA itself. The checks below then show CUDA works in forked jobs.
+    from clipsvd.worker import jobs_served
+
+    forked = len(jobs_served(work / "workers", work))
+    checks.check("jobs forked from a warm worker", forked >= (int(jobs[-1][1]) - 2 if jobs else 1),
+                 f"{forked} of {jobs[-1][1] if jobs else '?'} jobs")
     results = work / "results"
     logs = sorted((results / "runs").rglob("*.log")) + sorted(
         (results / "logs" / "features").rglob("*.log"))

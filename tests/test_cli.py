@@ -81,3 +81,20 @@ def test_help_runs_for_every_subcommand():
         result = subprocess.run([sys.executable, "-m", "clipsvd", name, "--help"],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0 and "--config" in result.stdout, name
+
+
+def test_a_jobs_log_ends_with_its_wall_time_and_the_compute_it_did(tmp_path, run_cli):
+    """benchmarks/demo_study.py sets a study's wall time against the compute its jobs did, read
+    from this line. Catches: a job that no longer says it (the benchmark would count nothing)
+    or that counts nothing of its work."""
+    import re
+
+    code, _ = run_cli("demo-data", "--out", tmp_path / "d", "--per-class", "3",
+                      "--log", tmp_path / "demo.log")
+    assert code == 0
+    last = (tmp_path / "demo.log").read_text().strip().splitlines()[-1]
+    found = re.search(r"clipsvd demo-data: job time ([\d.]+) s; compute ([\d.]+) s "
+                      r"\(demo data ([\d.]+) s\)$", last)
+    assert found, last
+    job, compute, part = map(float, found.groups())
+    assert 0 < part == compute <= job

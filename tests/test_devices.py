@@ -339,6 +339,8 @@ def slurm_resources(rule: str, env: dict[str, str]) -> dict[str, object]:
     os.environ.clear()
     os.environ.update(env)
     try:
+        if isinstance(threads, str):  # capped: an expression of the environment
+            threads = eval(threads, {"__builtins__": __builtins__})  # noqa: S307 (profile)
         return {key: eval(str(value), {"__builtins__": __builtins__},  # noqa: S307 (profile)
                           {"attempt": 1, "threads": threads})
                 for key, value in values.items()}
@@ -355,8 +357,7 @@ def test_slurm_profile_gives_interpret_a_gpu_where_the_study_asks_for_one():
     but no CUDA GPU is visible"), or on the CPU partition."""
     studies = {path.name: yaml.safe_load(path.read_text()).get("device", "auto")
                for path in sorted((ROOT / "config" / "studies").glob("*.yaml"))}
-    assert studies == {"biomedclip_base_to_novel.yaml": "cuda",
-                       "biomedclip_few_shot.yaml": "cuda"}
+    assert studies["biomedclip_base_to_novel.yaml"] == studies["biomedclip_few_shot.yaml"] == "cuda"
     cluster = {"CLIPSVD_SLURM_PARTITION": "cpu", "CLIPSVD_SLURM_GPU_PARTITION": "gpu"}
     for env, gpus in ((cluster, 1), ({**cluster, "CLIPSVD_SLURM_GPUS": "2"}, 2),
                       ({**cluster, "CLIPSVD_SLURM_GPUS": "0"}, 0)):

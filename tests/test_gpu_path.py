@@ -677,6 +677,7 @@ def test_gpu_first_run_rehearses_on_the_cpu(tmp_path):
     out = result.stdout
     assert result.returncode == 0, out[-6000:] + result.stderr[-4000:]
     assert "FAIL" not in out
-    for check in ("tiny study", "every GPU job claimed a slot", "step benchmark"):
+    for check in ("tiny study", "jobs forked from a warm worker", "every GPU job claimed a slot",
+                  "step benchmark"):
         assert f"PASS  {check}" in out, out[-4000:]
     assert "SKIP  CUDA streams per seed" in out

@@ -179,11 +179,15 @@ def test_validate_checks_the_model_without_loading_weights(toy, tmp_path, run_cl
 def test_validate_accepts_a_good_model_without_loading_it(toy, tmp_path, run_cli, model,
                                                           no_weight_loading):
     """A study naming weights this machine does not have (OpenAI CLIP, BiomedCLIP) or a
-    checkpoint file that is not even valid validates, with every loader raising. Catches
-    validate loading the model, downloading, or opening the checkpoint."""
+    checkpoint file whose tensors would not even fit the model validates, with every loader
+    raising: validate reads a checkpoint's header (a corrupt file is refused,
+    test_checkpoints.py), never its tensors. Catches validate loading the model,
+    downloading, or reading the checkpoint's weights."""
     if model.get("pretrained") == "CHECKPOINT":
+        from safetensors.torch import save_file
+
         checkpoint = tmp_path / "weights.safetensors"
-        checkpoint.write_bytes(b"not a safetensors file")
+        save_file({"not.a.weight.of.the.model": torch.zeros(3)}, str(checkpoint))
         model = {**model, "pretrained": str(checkpoint)}
     path = write_study(tmp_path / "s.yaml", study(toy, model=model))
     code, err = run_cli("validate", "--config", path)

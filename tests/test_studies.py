@@ -59,9 +59,11 @@ def shipped() -> list[str]:
     return sorted(p.stem for p in STUDIES.glob("*.yaml"))
 
 
-# Shipped studies whose datasets are not BiomedCoOp split files: tested where their data is.
+# Shipped studies whose datasets are not BiomedCoOp split files: tested where their data is
+# (MedMNIST files, the template's generated folder).
 TESTED_ELSEWHERE = {"medmnist_few_shot": "tests/test_medmnist_real.py",
-                    "miniature": "tests/test_miniature.py"}
+                    "miniature": "tests/test_miniature.py",
+                    "template": "tests/test_workflow.py"}
 
 
 def test_every_shipped_study_has_documented_job_counts():

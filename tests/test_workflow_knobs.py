@@ -47,9 +47,9 @@ def test_subset_of_layers_matrices_and_one_encoder(tmp_path):
     (logged,) = [r for r in client.search_runs([experiment.experiment_id])
                  if r.data.tags.get("seed") == "1"]
     params = logged.data.params
-    assert params["clip_svd.encoders"] == '["vision"]'
-    assert params["clip_svd.matrices"] == '["v", "mlp"]'
-    assert params["clip_svd.layers"] == "[1]"
-    assert params["clip_svd.execution"] == "recompose"
+    assert params["encoders"] == '["vision"]'
+    assert params["matrices"] == '["v", "mlp"]'
+    assert params["layers"] == "[1]"
+    assert params["execution"] == "recompose"
     assert params["templates"] == '["a CT scan showing {}.", "an image showing {}"]'
     assert params["trainable_parameters"] == "384"

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import timing
 from .config import ADAPTER_METHODS, METHODS, DemoConfig
 from .errors import ClipsvdError
 
@@ -82,9 +83,10 @@ def cmd_demo_data(args) -> None:
     if args.config is None:  # a dataset to try a study on, such as config/studies/template.yaml
         if not args.out:
             raise ClipsvdError("demo-data: give --out DIR (or --config and --dataset)")
-        generate_demo_dataset(Path(args.out), DemoConfig(per_class=args.per_class,
-                                                         image_size=args.image_size,
-                                                         seed=args.seed))
+        with timing.measure("demo data"):
+            generate_demo_dataset(Path(args.out), DemoConfig(per_class=args.per_class,
+                                                             image_size=args.image_size,
+                                                             seed=args.seed))
         return
     if not args.dataset:
         raise ClipsvdError("demo-data: --config needs --dataset NAME (a dataset with a 'demo' "
@@ -93,7 +95,8 @@ def cmd_demo_data(args) -> None:
     if dataset.demo is None:
         raise ClipsvdError(f"{args.config}: dataset '{args.dataset}' has no 'demo' section; only "
                            "demo datasets are generated")
-    generate_demo_dataset(Path(args.out or dataset.root), dataset.demo)
+    with timing.measure("demo data"):
+        generate_demo_dataset(Path(args.out or dataset.root), dataset.demo)
 
 
 def cmd_prepare(args) -> None:
@@ -191,7 +194,8 @@ def cmd_report(args) -> None:
 
     cfg = _config(args)
     out_dir = Path(args.out_dir)
-    build_report([Path(p) for p in args.runs], out_dir, cfg)
+    with timing.measure("report"):
+        build_report([Path(p) for p in args.runs], out_dir, cfg)
     if not args.no_mlflow:
         mirror_report(cfg.study, out_dir, cfg.tracking.uri, cfg.tracking.enabled)
 
@@ -331,12 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    timing.begin_job()
     args = build_parser().parse_args(argv)
     # MLflow's loggers then go through the handlers below instead of its own stderr handler.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     try:
         _setup_logging(args.log)
         args.func(args)
+        log.debug("clipsvd %s: %s", args.command, timing.summary())
     except ClipsvdError as exc:
         message = f"clipsvd {args.command}: error: {exc}"
         for handler in logging.getLogger().handlers:

@@ -5,9 +5,11 @@ Every user error is a ConfigError with one line naming the file and the key.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -240,6 +242,13 @@ def _build(cls, data: dict[str, Any]):
 
 
 def _load_schema() -> dict[str, Any]:
+    return copy.deepcopy(_parsed_schema(os.stat(SCHEMA_PATH).st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed_schema(_mtime_ns: int) -> dict[str, Any]:
+    """Parsed once per process and file version: a warm worker (clipsvd.worker) parses it
+    before its jobs, and an edited schema is read again."""
     with open(SCHEMA_PATH, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import layout
+from . import layout, timing
 from .config import ADAPTER_METHODS, StudyConfig
 from .data.store import PreparedStore, split_summary
 from .devices import (batch_size_on_oom, claimed_gpu_slot, model_to_device, resolve_device,
@@ -149,6 +149,7 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
         metrics["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
         metrics["accuracy"] = metrics["harmonic_mean"]
     metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
+    timing.record("evaluation", time.perf_counter() - started)
     log.info("%s %s K=%s seed=%s: accuracy %.4f on %d test images", dataset, method,
              split["shots"], split["seed"], metrics["accuracy"],
              sum(len(t) for t in tables))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import timing
 from .config import StudyConfig
 from .data.store import PreparedStore
 from .devices import batch_size_on_oom, model_to_device, resolve_device, to_device
@@ -43,6 +44,7 @@ def compute_features(cfg: StudyConfig, store_dir: Path, out_path: Path,
                 rate = done / (now - started)
                 log.info("features: %d/%d images (%.0f images/s, ETA %.0f s)", done, n, rate, (n - done) / rate)
                 last = now
+    timing.record("features", time.perf_counter() - started)
     features = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as handle:

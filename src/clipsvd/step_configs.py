@@ -20,7 +20,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from .config import DatasetConfig, StudyConfig
+from .config import ColumnsConfig, DatasetConfig, GroupsConfig, StudyConfig
 from .data.fingerprint import PREPARATION_FIELDS
 
 STUDY_NAME = "shared"  # the `study` of every shared step's config
@@ -35,8 +35,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Sections written only with what differs from their defaults: the config check reads a
+# section (or its key) that is present as given by the user (`columns` outside format csv, a
+# group column next to a pattern), so writing the defaults out would refuse a valid dataset.
+_DEFAULT_SECTIONS = {"columns": asdict(ColumnsConfig()), "groups": asdict(GroupsConfig())}
+
+
 def _dataset(dataset: DatasetConfig, *extra: str) -> dict[str, Any]:
     values = asdict(dataset)
+    for section, defaults in _DEFAULT_SECTIONS.items():
+        given = {k: v for k, v in (values.get(section) or {}).items() if v != defaults.get(k)}
+        values[section] = given or None
     fields = ("name", *PREPARATION_FIELDS, *extra)
     return _plain({name: values[name] for name in fields if name in values})
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import layout
+from . import layout, timing
 from .adapters import ADAPTERS, attach
 from .adapters.base import Adapter
 from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
@@ -230,6 +230,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                    for step, (loss_value, accuracy) in enumerate(zip(losses.tolist(),
                                                                     accuracies.tolist()))]
     seconds = time.perf_counter() - started
+    timing.record("training", seconds)
     model.eval()
 
     summary = {

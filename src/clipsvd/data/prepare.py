@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from .. import timing
 from ..config import DatasetConfig, PreprocessingConfig, SplitConfig
 from ..errors import DataError
 from ..io import atomic_dir, read_json, write_json
@@ -627,6 +628,7 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             raise DataError(f"{root}: none of the {total} images of dataset '{dataset.name}' "
                             "could be read; check the files and preprocessing settings")
         elapsed = time.monotonic() - start
+        timing.record("preparation", elapsed)
         index = pd.DataFrame(rows)
         duplicated = index["sample_id"][index["sample_id"].duplicated()]
         if len(duplicated):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .. import layout
+from .. import layout, timing
 from ..adapters import attach
 from ..config import StudyConfig
 from ..data.store import PreparedStore
@@ -275,6 +275,7 @@ def interpret_run(cfg: StudyConfig, run_dir: Path, split_path: Path, store_dir: 
             head_heatmap(heads, depths, tmp / HEAD_HEATMAP)
             record["files"].append(HEAD_HEATMAP)
         record["seconds"] = round(time.perf_counter() - started, 2)
+        timing.record("interpretation", time.perf_counter() - started)
         write_text(tmp / SUMMARY, summary_markdown(record, matrices, heads, descriptions, spans))
         write_json(tmp / RECORD, record)
     log.info("interpretation of %s written to %s (%.1f s)", run_dir, out_dir, record["seconds"])
