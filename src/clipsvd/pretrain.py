@@ -573,7 +573,7 @@ def pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: str
 
 def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: str | Path,
               stop_after: int | None) -> dict[str, Any]:
-    from .models import load_model, state_dict_fingerprint
+    from .models import load_model, model_fingerprint
     from .seeding import seed_everything, torch_generator
 
     recipe_path = Path(recipe_path)
@@ -637,7 +637,7 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_scale)
         if step + 1 in recipe.check_steps:
-            check_fingerprints[str(step + 1)] = state_dict_fingerprint(model)
+            check_fingerprints[str(step + 1)] = model_fingerprint(model)
         history.append({"step": step + 1, "loss": round(loss.item(), 5),
                         "batch_accuracy": round(hits.item(), 4), "lr": step_lr,
                         "logit_scale": round(model.logit_scale.exp().item(), 3)})
@@ -653,7 +653,7 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
     train_seconds = time.perf_counter() - loop_started
     model.eval()
 
-    fingerprint = state_dict_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     metadata = {
         "format": FORMAT, "model": recipe.model, "tag": recipe.tag,
         "recipe": json.dumps(recipe.as_dict(), sort_keys=True),
