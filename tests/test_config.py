@@ -55,7 +55,7 @@ def test_fingerprint_changes_with_content():
     (with_(model={"logit_scale": -1}), "model.logit_scale"),
     (with_(threads=0), "threads"),
     (with_(clip_svd={"execution": "fast"}), "clip_svd.execution"),
-    (with_(settings=["few_shot", "base_to_novel"]), "methods"),  # the default methods: + probe
+    (with_(settings=["base_to_novel"]), "methods"),  # default methods (probe), no few_shot
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
@@ -145,7 +145,7 @@ def test_a_dataset_override_can_choose_the_layers():
          "overrides": {"clip_svd": {"lr": 0.1, "layers": [4, 5]}}},
         {"name": "e", "format": "folder", "root": "data", "overrides": {"clip_svd": {"lr": 0.1}}}]}
     cfg = config.from_dict(raw)
-    assert cfg.training("clip_svd", "d").layers == [4, 5]
+    assert cfg.training("clip_svd", "d").layers == (4, 5)  # as a study-level list is
     assert cfg.training("clip_svd", "e").layers == "top4"
     with pytest.raises(ConfigError, match="overrides.clip_svd.layers"):
         config.from_dict({**raw, "datasets": [{"name": "d", "format": "folder", "root": "data",
