@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from clipsvd import architectures, job_resources
 from clipsvd.errors import ClipsvdError
@@ -82,8 +83,9 @@ def test_a_study_that_cannot_fit_the_memory_cap_stops_before_any_job(tmp_path):
     Break it catches: without the check, the workflow would submit jobs capped below their
     need, which the cluster kills for memory after they waited in the queue."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
+    model = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["model"]["name"]
     need = job_resources.estimate_mb("adapt", job_resources.MemoryInputs(
-        architectures.describe("tiny-clip"), 32, 2))
+        architectures.describe(model), 32, 2))
     env = {**workflow_env(), "CLIPSVD_SLURM_MAX_MEM_MB": str(int(need) - 100)}
     result = subprocess.run(
         [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "Snakefile"),
@@ -91,7 +93,7 @@ def test_a_study_that_cannot_fit_the_memory_cap_stops_before_any_job(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("clipsvd:")]
-    assert lines == [f"clipsvd: adapt needs about {need:.0f} MB (tiny-clip, clip_lora.batch_size "
+    assert lines == [f"clipsvd: adapt needs about {need:.0f} MB ({model}, clip_lora.batch_size "
                      f"32, dataset demo_scans), more than CLIPSVD_SLURM_MAX_MEM_MB="
                      f"{int(need) - 100}: lower the batch size, or raise the cap if the "
                      "cluster's nodes have more memory"], result.stderr[-2000:]
@@ -104,9 +106,7 @@ def test_measured_peaks_are_below_the_requests():
 
     Break it catches: coefficients edited without remeasuring, or a model that grew."""
     points = json.loads((ROOT / "benchmarks" / "job_memory.json").read_text())["points"]
-    # BiomedCLIP-sized points are yet to be measured (benchmarks/job_memory.py --models
-    # biomedclip-size --write); they are checked here once they are in the file.
-    assert {p["model"] for p in points} >= {"tiny-clip", "ViT-B-16"}
+    assert {p["model"] for p in points} >= {"tiny-clip", "ViT-B-16", "biomedclip-size"}
     for point in points:
         name = BIOMEDCLIP if point["model"] == "biomedclip-size" else point["model"]
         inputs = job_resources.MemoryInputs(architectures.describe(name), point["batch"],
@@ -118,15 +118,13 @@ def test_measured_peaks_are_below_the_requests():
 
 @pytest.mark.slow
 def test_the_default_study_jobs_stayed_below_their_requests(own_process_study):
-    """Every compute job of the default study (tiny-clip; its K = 1 runs, each job in its own
+    """Every compute job of the default study (its model, K = 1 runs, each job in its own
     interpreter) peaked below the memory the workflow asked for it (Snakemake's benchmark
     files record each job's max_rss).
 
     Break it catches: an estimate below what the jobs use (they would be killed for memory on
     a cluster that enforces its requests)."""
     import csv
-
-    import yaml
 
     study = yaml.safe_load((own_process_study / "config" / "config.yaml").read_text())
     model = architectures.describe(study["model"]["name"])

@@ -238,6 +238,28 @@ def test_adapter_of_another_model_via_the_cli(toy, trained, tmp_path, run_cli, m
     assert sorted(p.name for p in run.iterdir()) == [layout.ADAPTER]  # no metrics, no run.json
 
 
+def test_linear_probe_on_a_base_to_novel_split_is_refused(toy, tmp_path, run_cli):
+    """The workflow never schedules the probe in base-to-novel, but a target asked for by hand
+    could: its weights cover only the base classes, so novel images would be scored as base
+    ones. Refused before any output. Caught when tried: without the check the probe fit on the
+    split's train images and wrote metrics."""
+    raw = study(toy, settings=["few_shot", "base_to_novel"])
+    write_split(tmp_path / "b2n.json", sample_split(
+        PreparedStore.open(toy / "store"), "base_to_novel", 2, 1,
+        config.from_dict(raw).dataset("toy").sampling))
+    path = write_study(tmp_path / "s.yaml", raw)
+    compute_features(config.from_dict(raw), toy / "store", tmp_path / "features.npy")
+    run = tmp_path / "run"
+    code, err = run_cli("evaluate", "--config", path, "--dataset", "toy", "--method",
+                        "linear_probe", "--split", tmp_path / "b2n.json", "--store", toy / "store",
+                        "--features", tmp_path / "features.npy", "--run-dir", run)
+    line = one_error(code, err, "evaluate")
+    assert line.endswith(f"{tmp_path / 'b2n.json'}: linear_probe does not run in the "
+                         "base_to_novel setting (it has weights only for the classes it was "
+                         "trained on); evaluate it on a few_shot split"), line
+    assert not run.exists()
+
+
 def test_non_finite_loss_stops_at_the_step_and_keeps_the_log(toy, tmp_path, run_cli):
     path = write_study(tmp_path / "s.yaml", study(toy, clip_svd={"lr": 1e30, "epochs": 20}))
     run = tmp_path / "run"

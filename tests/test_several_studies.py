@@ -105,7 +105,9 @@ def _with_sampling(study: dict) -> dict:
 
 
 def _with_model(study: dict) -> dict:
-    study["model"] = {"name": "tiny-timm-clip", "pretrained": None}  # 64 px, like tiny-clip
+    # The default study's architecture with random weights: the same 28 px input, other
+    # features.
+    study["model"] = {"name": "mini-clip", "pretrained": None}
     return study
 
 

@@ -440,7 +440,8 @@ def test_default_study_through_the_slurm_profile(slurm_cluster, local_default_st
     total = int(re.search(r"^total\s+(\d+)$", dry.stdout + dry.stderr, re.M).group(1))
     assert len(done) == total - 1, (done, total)
     # An adapt job as SLURM saw it: the gpu partition and one GPU (from the environment), one
-    # CPU (--max-threads) and the memory the workflow computed for tiny-clip at batch 32.
+    # CPU (--max-threads) and the memory the workflow computed for the study's model at batch
+    # 32.
     adapt_id = next(i for i in second_ids if "rule_adapt" in subprocess.run(
         ["scontrol", "show", "job", "-o", i], capture_output=True, text=True).stdout)
     job = subprocess.run(["scontrol", "show", "job", "-o", adapt_id], capture_output=True,
@@ -448,7 +449,8 @@ def test_default_study_through_the_slurm_profile(slurm_cluster, local_default_st
     from clipsvd import architectures, job_resources
 
     memory = job_resources.memory_request_mb(
-        "adapt", job_resources.MemoryInputs(architectures.describe("tiny-clip"), 32, 4))
+        "adapt", job_resources.MemoryInputs(architectures.describe(study["model"]["name"]), 32,
+                                            4))
     assert "Partition=gpu" in job and "JobState=COMPLETED" in job, job
     assert "NumCPUs=1" in job and f"mem={memory}M" in job and "gpu:1" in job, job
 
