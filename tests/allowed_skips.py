@@ -41,6 +41,7 @@ def _has_gpu() -> bool:
 def _other_platform_than_shipped_weights() -> bool:
     """The packaged mini-clip weights were made with another torch build or CPU kind."""
     import json
+    from importlib import metadata
 
     import torch
     from safetensors import safe_open
@@ -50,7 +51,7 @@ def _other_platform_than_shipped_weights() -> bool:
     with safe_open(str(PRETRAINED_DIR / PACKAGED_WEIGHTS[("mini-clip", "medmnist")]), "pt") as f:
         shipped = f.metadata()
     return (shipped["cpu_capability"], json.loads(shipped["versions"])["torch"]) != (
-        torch.backends.cpu.get_cpu_capability(), torch.__version__.split("+")[0])
+        torch.backends.cpu.get_cpu_capability(), metadata.version("torch"))  # as pretrain records
 
 
 def _has_jpeg_ls_decoder() -> bool:

@@ -248,8 +248,9 @@ def test_interpret_run_writes_well_formed_outputs_and_aggregates(tmp_path):
 def _demo_images(loaded, per_class: int, seed_offset: int):
     """Held-out demo-generator images at the model's input size, normalised, with labels."""
     from clipsvd import pretrain
+    from clipsvd.models import PRETRAINED_DIR
 
-    recipe = pretrain.load_recipe(pretrain.PRETRAINED_DIR / "mini-clip-medmnist.yaml")
+    recipe = pretrain.load_recipe(PRETRAINED_DIR / "mini-clip-medmnist.yaml")
     (demo,) = [s for s in recipe.sources if s.demo]
     demo = dataclasses.replace(demo, demo={**demo.demo, "seed": demo.demo["seed"] + seed_offset})
     source = pretrain.open_source(demo, None, loaded.image_size, held_out={"per_class": per_class})

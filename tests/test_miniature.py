@@ -3,6 +3,7 @@ through snakemake on the real MedMNIST files with the shipped pretrained model."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from clipsvd import config
 from conftest import workflow_env
+from test_studies import job_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDMNIST = ROOT.parent / "shared" / "data" / "medmnist"
@@ -40,6 +42,33 @@ def test_miniature_study_follows_the_protocol_of_the_issue():
     pretrained_on = {s.get("medmnist") for s in recipe["sources"]}
     assert "retinamnist" not in pretrained_on  # the unseen modality stays unseen
     assert {s["split"] for s in recipe["sources"] if s.get("medmnist")} == {"train"}
+
+
+@needs_medmnist
+@pytest.mark.slow
+def test_miniature_study_expands_to_its_documented_jobs(tmp_path):
+    """`snakemake -n` on the whole study: 5 (dataset, setting) pairs × 15 (K, seed) runs; the
+    linear probe in few-shot only, RetinaMNIST in few-shot only (docs/miniature.md: 663 jobs).
+    Caught when tried: the probe kept in base-to-novel's job list gave 305 evaluations."""
+    cfg = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    for dataset in cfg["datasets"]:
+        dataset["root"] = str(MEDMNIST)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    shutil.copytree(ROOT / "config", tmp_path / "config")  # as in a clone
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "Snakefile"),
+         "--directory", str(tmp_path), "--cores", "1", "-n", "--configfile",
+         str(tmp_path / "study.yaml")], capture_output=True, text=True, env=workflow_env())
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    runs = 5 * 3
+    assert job_stats(output) == {
+        "prepare": 3, "features": 3, "sample": 5 * (runs + 1), "adapt": 5 * 3 * runs,
+        "evaluate": 3 * (1 + 4 * runs) + 2 * (1 + 3 * runs), "interpret": 5 * runs,
+        "report": 1, "all": 1}
+    assert sum(job_stats(output).values()) == 663
+    assert "linear_probe/base_to_novel" not in output
+    assert "retinamnist/zero_shot/base_to_novel" not in output
 
 
 @needs_medmnist
@@ -84,7 +113,7 @@ def test_dataset_settings_and_crop_overrides_are_checked():
     """A dataset may run a subset of the study's settings, never one the study lacks; a
     crop-scale override needs low <= high; a study setting that no dataset runs is refused
     (the report rule would wait for its tables). Each is one line naming the key. Caught when
-    tried: the last check removed (no error). Without it, the slice below with the study's two
+    tried: the last check removed (no error). Without it, the slice test above with the study's two
     settings ran every job and then failed in the report rule (base_to_novel.csv missing)."""
     with pytest.raises(config.ConfigError) as info:
         config.from_dict(_study(settings=["base_to_novel"]), "s.yaml")

@@ -206,6 +206,19 @@ def test_recipe_errors_are_one_line(tmp_path):
         pretrain.load_recipe(bad)
     with pytest.raises(ConfigError, match="recipe file not found"):
         pretrain.load_recipe(tmp_path / "none.yaml")
+    # A test split among the training images would leak into every study of the model.
+    bad.write_text(text.replace("    split: train\n", "    split: test\n", 1), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'sources.0.split': pretraining reads only a "
+                                          r"MedMNIST file's train split, got 'test'"):
+        pretrain.load_recipe(bad)
+    bad.write_text(text.replace("  organamnist: {split: val}", "  organmnist: {split: val}"),
+                   encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'evaluation.organmnist': no source is named"):
+        pretrain.load_recipe(bad)
+    bad.write_text(text.replace("  bloodmnist: {split: val}", "  bloodmnist: {}"),
+                   encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'evaluation.bloodmnist.split': give val or test"):
+        pretrain.load_recipe(bad)
 
 
 def test_input_with_another_md5_stops_before_writing(tmp_path):

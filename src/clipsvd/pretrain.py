@@ -49,7 +49,6 @@ from .io import write_json, write_safetensors
 log = logging.getLogger(__name__)
 
 CAPTIONS_RESOURCE = "pretraining_captions.yaml"
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 FORMAT = "clipsvd-pretrained-open_clip-state-dict-v1"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_CONFIG = {
@@ -142,13 +141,19 @@ def load_recipe(path: str | Path) -> Recipe:
         if item.get("medmnist") is not None and not item.get("md5"):
             raise ConfigError(f"{path}: key 'sources.{i}.md5': a MedMNIST source needs the MD5 "
                               "of its file, so the recipe names exactly what it was made from")
+        if item.get("split", "train") != "train":
+            # Studies test on val and test splits: pretraining on them would leak into every
+            # zero-shot and few-shot figure of the model.
+            raise ConfigError(f"{path}: key 'sources.{i}.split': pretraining reads only a "
+                              f"MedMNIST file's train split, got {item['split']!r}; remove the "
+                              "key or set it to train")
+        source = SourceRecipe(**{**item, "preprocessing": item.get("preprocessing") or {}})
         try:
-            PreprocessingConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in (item.get("preprocessing") or {}).items()})
+            _preprocessing(source)
         except TypeError:
             raise ConfigError(f"{path}: key 'sources.{i}.preprocessing': unknown preprocessing "
                               "key; use those of a study dataset (config/schema.yaml)") from None
-        sources.append(SourceRecipe(**item))
+        sources.append(source)
     values = {k: v for k, v in raw.items() if k != "sources"}
     for key in ("steps", "batch_size", "threads"):
         if not isinstance(values.get(key, 1), int) or values.get(key, 1) < 1:
@@ -156,6 +161,15 @@ def load_recipe(path: str | Path) -> Recipe:
     for key in ("betas", "crop_scale", "crop_ratio", "check_steps"):
         if key in values:
             values[key] = tuple(values[key])
+    by_name = {s.name: s for s in sources}
+    for name, settings in (values.get("evaluation") or {}).items():
+        if name not in by_name:
+            raise ConfigError(f"{path}: key 'evaluation.{name}': no source is named {name!r}; "
+                              f"use one of {', '.join(by_name)}")
+        if by_name[name].medmnist is not None and (settings or {}).get("split") not in (
+                "val", "test"):
+            raise ConfigError(f"{path}: key 'evaluation.{name}.split': give val or test, the "
+                              "images of the MedMNIST file that pretraining never sees")
     recipe = Recipe(sources=tuple(sources), **values)
     low, high = recipe.crop_scale
     if not 0 < low <= high <= 1:
@@ -586,7 +600,7 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
     data_dir = Path(data_dir) if data_dir is not None else None
     inputs = {}
     for source in recipe.sources:
-        if source.medmnist is not None and data_dir is not None:
+        if source.medmnist is not None:
             inputs[f"{source.medmnist}.npz"] = source.md5
     started = time.perf_counter()
     load_at_start = os.getloadavg()
@@ -673,7 +687,8 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
               "seconds_total": None, "seconds_training": round(train_seconds, 1),
               "load_average_at_start": [round(v, 2) for v in load_at_start],
               "cpu_count": os.cpu_count(), "threads": recipe.threads,
-              "history_every_10_steps": history[::10] + ([history[-1]] if history else [])}
+              "history_every_10_steps": history[::10] + (
+                  history[-1:] if (len(history) - 1) % 10 else [])}
     if stop_after is None:
         record["zero_shot_validation"] = zero_shot_validation(recipe, data_dir, loaded)
     record["seconds_total"] = round(time.perf_counter() - started, 1)
