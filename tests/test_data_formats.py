@@ -411,7 +411,8 @@ def test_preparation_fingerprint_follows_preparation_parameters_only(tmp_path):
         assert preparation_fingerprint(changed, 224) != fingerprint, changed
     assert preparation_fingerprint(base, 196) != fingerprint
     unrelated = [replace(base, name="e"), replace(base, templates=("an image of {}.",)),
-                 replace(base, sampling=SamplingConfig(nested=True))]
+                 replace(base, sampling=SamplingConfig(nested=True)),
+                 replace(base, settings=("few_shot",))]  # one store for every setting
     if "overrides" in {f.name for f in fields(DatasetConfig)}:
         unrelated.append(replace(base, overrides={"clip_svd": {"lr": 0.1}}))
     for changed in unrelated:

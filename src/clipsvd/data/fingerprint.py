@@ -18,7 +18,7 @@ from ..config import DatasetConfig
 PREPARATION_VERSION = 3  # 3: PIL modes as a viewer shows them; groups from columns, patterns, DICOM
 PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
                       "columns", "groups", "preprocessing", "split")
-UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides")
+UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides", "settings")
 
 
 def _plain(value: Any) -> Any:
