@@ -175,6 +175,13 @@ class TrackingConfig:
     enabled: bool = True
 
 
+def runs_in(method: str, setting: str) -> bool:
+    """Whether ``method`` can be scored in ``setting``: the linear probe has weights only for
+    the classes it was trained on, so it has no score for novel classes and sits out
+    base-to-novel (as in the paper's base-to-novel tables)."""
+    return not (method == "linear_probe" and setting == "base_to_novel")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     study: str
@@ -202,11 +209,8 @@ class StudyConfig:
                           f"({', '.join(d.name for d in self.datasets)})")
 
     def methods_of(self, setting: str) -> tuple[str, ...]:
-        """The study's methods that run in ``setting``: the linear probe has weights only for
-        the classes it was trained on, so it has no score for novel classes and sits out
-        base-to-novel (as in the paper's base-to-novel tables)."""
-        return tuple(m for m in self.methods
-                     if not (m == "linear_probe" and setting == "base_to_novel"))
+        """The study's methods that run in ``setting`` (:func:`runs_in`)."""
+        return tuple(m for m in self.methods if runs_in(m, setting))
 
     def settings_of(self, dataset: str) -> tuple[str, ...]:
         """The study's settings this dataset runs, in the study's order."""

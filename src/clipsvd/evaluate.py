@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import layout, timing
-from .config import ADAPTER_METHODS, StudyConfig
+from .config import ADAPTER_METHODS, StudyConfig, runs_in
 from .data.store import PreparedStore, split_summary
 from .errors import ConfigError
 from .devices import (batch_size_on_oom, claimed_gpu_slot, model_to_device, resolve_device,
@@ -119,7 +119,7 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
              adapter_path: Path | None = None, device: torch.device | None = None) -> dict[str, Any]:
     started_at = time.time()
     split = read_json(split_path)
-    if method not in cfg.methods_of(split["setting"]):
+    if not runs_in(method, split["setting"]):
         # Its weights cover only the base classes: novel images would be scored as base ones.
         raise ConfigError(f"{split_path}: {method} does not run in the {split['setting']} "
                           f"setting (it has weights only for the classes it was trained on); "
