@@ -99,8 +99,9 @@ def test_slice_of_the_miniature_study_runs_on_medmnist(tmp_path):
         metrics = json.loads((runs / method / "few_shot/shots2/seed1/metrics.json").read_text())
         assert metrics["n_test"] == 400  # RetinaMNIST's official test split
     assert len(split_hashes) == 1
-    store = json.loads((tmp_path / "results/prepared/retinamnist/provenance.json").read_text())
-    assert store["image_size"] == 28 and store["images_per_split"]["test"] == 400
+    (provenance,) = (tmp_path / "results/prepared/retinamnist").glob("*/provenance.json")
+    store = json.loads(provenance.read_text())  # the one store, under its key
+    assert store["image_size"] == 28 and store["splits"]["test"]["images"] == 400
 
 
 def _study(**dataset_keys):
