@@ -299,7 +299,11 @@ def confusion_outputs(ext):
         for d in STUDY.datasets
         if setting in STUDY.settings_of(d.name)
         for path in layout.report_paths(
-            layout.REPORT_CONFUSION, [setting], [d.name], STUDY.methods_of(setting), ext=ext
+            layout.REPORT_CONFUSION,
+            [setting],
+            [d.name],
+            STUDY.methods_of(setting),
+            ext=ext,
         )
     ]
 
