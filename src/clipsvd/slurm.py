@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -347,6 +348,10 @@ def _unknown_to_slurm(job_id: str) -> bool:
     return result.returncode != 0 and "invalid job id" in result.stderr.lower()
 
 
+STEPD_STATES = ("CANCELLED", "TIMEOUT", "OUT_OF_MEMORY")  # states slurmstepd writes a line for
+STEPD_LINE_WAIT_S = 10.0
+
+
 def _with_cause(job_info, msg: str | None, raw_states: Mapping[str, str]) -> str:
     """The plugin's message, its state as SLURM said it, and the cause from the logs."""
     msg = (msg or "").strip()
@@ -362,6 +367,13 @@ def _with_cause(job_info, msg: str | None, raw_states: Mapping[str, str]) -> str
     if not job_id:
         return msg
     cause = failure_cause(rule_logs, slurm_log)
+    if cause is None and state and state.split()[0] in STEPD_STATES:
+        # slurmstepd writes its line into the log as it ends the job; sacct may report the
+        # state before that line has reached the (shared) file system.
+        deadline = time.monotonic() + STEPD_LINE_WAIT_S
+        while cause is None and time.monotonic() < deadline:
+            time.sleep(0.25)
+            cause = failure_cause(rule_logs, slurm_log)
     if cause:
         return f"{msg}; cause: {cause[0]} (from {cause[1]}). "
     return f"{msg}; no error line in {', '.join(rule_logs + [str(slurm_log)])}. "
