@@ -38,7 +38,7 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _other_platform_than_shipped_weights() -> bool:
+def other_platform_than_shipped_weights() -> bool:
     """The packaged mini-clip weights were made with another torch build or CPU kind."""
     import json
     from importlib import metadata
@@ -92,7 +92,7 @@ ALLOWED_SKIPS: tuple[AllowedSkip, ...] = (
     AllowedSkip(re.escape("a JPEG-LS decoder is installed here"), _has_jpeg_ls_decoder,
                 "a JPEG-LS plugin for pydicom is installed (the test needs one missing)"),
     AllowedSkip(r"the shipped fingerprints were recorded with torch \S+ on \S+",
-                _other_platform_than_shipped_weights,
+                other_platform_than_shipped_weights,
                 "mini-clip's packaged weights were made with another torch build or CPU kind"),
 )
 
