@@ -112,17 +112,19 @@ def _study(**dataset_keys):
 
 def test_dataset_settings_and_crop_overrides_are_checked():
     """A dataset may run a subset of the study's settings, never one the study lacks; a
-    crop-scale override needs low <= high; a study setting that no dataset runs is refused
-    (the report rule would wait for its tables). Each is one line naming the key. Caught when
-    tried: the last check removed (no error). Without it, the slice test above with the study's two
-    settings ran every job and then failed in the report rule (base_to_novel.csv missing)."""
+    crop-scale override needs 0 < low <= high <= 1; a study setting that no dataset runs is
+    refused (the report rule would wait for its tables). Each is one line naming the key. Caught
+    when tried: the last check removed (no error). Without it, the slice test above with the
+    study's two settings ran every job and then failed in the report rule (base_to_novel.csv
+    missing)."""
     with pytest.raises(config.ConfigError) as info:
         config.from_dict(_study(settings=["base_to_novel"]), "s.yaml")
     assert str(info.value) == ("s.yaml: key 'datasets.0.settings': 'base_to_novel' is not one "
                                "of the study's settings (few_shot); add it there or remove it "
                                "here")
     with pytest.raises(config.ConfigError, match=r"key 'datasets.0.overrides.clip_svd."
-                                                 r"crop_scale': need low <= high"):
+                                                 r"crop_scale': need 0 < low <= high <= 1, "
+                                                 r"got \[0.9, 0.5\]"):
         config.from_dict(_study(overrides={"clip_svd": {"crop_scale": [0.9, 0.5]}}), "s.yaml")
     cfg = config.from_dict(_study(overrides={"clip_svd": {"crop_scale": [0.5, 0.9],
                                                           "flip": False}}), "s.yaml")

@@ -219,6 +219,11 @@ def test_recipe_errors_are_one_line(tmp_path):
                    encoding="utf-8")
     with pytest.raises(ConfigError, match=r"key 'evaluation.bloodmnist.split': give val or test"):
         pretrain.load_recipe(bad)
+    bad.write_text(text.replace("crop_scale: [0.6, 1.0]", "crop_scale: [0.6, 1.5]"),
+                   encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'crop_scale': need 0 < low <= high <= 1, "
+                                          r"got \[0.6, 1.5\]"):
+        pretrain.load_recipe(bad)
 
 
 def test_input_with_another_md5_stops_before_writing(tmp_path):

@@ -306,6 +306,12 @@ def _with_defaults(validator_cls):
     return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
 
 
+def check_crop_scale(scale, where: str) -> None:
+    """Random resized crops take a (low, high) fraction of the image's area."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"{where}: need 0 < low <= high <= 1, got {list(scale)}")
+
+
 def _check_grouping(dataset: dict[str, Any], where: str) -> None:
     """Column names and group settings that contradict each other or the format."""
     import re
@@ -372,10 +378,9 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
                               f"the study's settings ({', '.join(data['settings'])}); add it "
                               "there or remove it here")
         for method, override in (dataset.get("overrides") or {}).items():
-            scale = override.get("crop_scale")
-            if scale is not None and not scale[0] <= scale[1]:
-                raise ConfigError(f"{source}: key 'datasets.{i}.overrides.{method}.crop_scale': "
-                                  f"need low <= high, got {scale}")
+            if override.get("crop_scale") is not None:
+                check_crop_scale(override["crop_scale"],
+                                 f"{source}: key 'datasets.{i}.overrides.{method}.crop_scale'")
         for j, template in enumerate(dataset["templates"]):
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
@@ -405,10 +410,7 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             section["epochs"] = None
         else:
             section["epochs"], section["iterations_per_shot"] = cls.epochs, cls.iterations_per_shot
-        low, high = section["crop_scale"]
-        if not 0 < low <= high <= 1:
-            raise ConfigError(f"{source}: key '{method}.crop_scale': need 0 < low <= high <= 1, "
-                              f"got {section['crop_scale']}")
+        check_crop_scale(section["crop_scale"], f"{source}: key '{method}.crop_scale'")
 
 
 def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:

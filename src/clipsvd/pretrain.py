@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import PreprocessingConfig
+from .config import PreprocessingConfig, check_crop_scale
 from .errors import ConfigError, DataError
 from .io import write_json, write_safetensors
 
@@ -171,9 +171,7 @@ def load_recipe(path: str | Path) -> Recipe:
             raise ConfigError(f"{path}: key 'evaluation.{name}.split': give val or test, the "
                               "images of the MedMNIST file that pretraining never sees")
     recipe = Recipe(sources=tuple(sources), **values)
-    low, high = recipe.crop_scale
-    if not 0 < low <= high <= 1:
-        raise ConfigError(f"{path}: key 'crop_scale': need 0 < low <= high <= 1")
+    check_crop_scale(recipe.crop_scale, f"{path}: key 'crop_scale'")
     if any(not 1 <= s <= recipe.steps for s in recipe.check_steps):
         raise ConfigError(f"{path}: key 'check_steps': every step must lie in 1..{recipe.steps}")
     return recipe
