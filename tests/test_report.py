@@ -447,6 +447,30 @@ def test_test_set_bootstrap_and_significance_marks(tmp_path):
     assert "†" not in lines["CLIP-SVD"] and "†" not in lines["Zero-shot"]
 
 
+def test_each_settings_table_shows_its_own_intervals_and_marks(tmp_path):
+    """A dataset in both settings: the few-shot table's intervals and † come from the few-shot
+    runs, the base-to-novel table's from the base-to-novel runs. Caught when tried: the lookup
+    keyed by (dataset, method, K) without the setting showed few-shot zero-shot's interval
+    beside the base-to-novel harmonic mean, and marked CLIP-LoRA there for its few-shot
+    difference (the miniature study's report)."""
+    dirs = [fake_run(tmp_path, "zero_shot", 0, 0, 0.3),
+            fake_run(tmp_path, "zero_shot", 0, 0, 1.0, setting="base_to_novel")]
+    for seed in (1, 2):
+        dirs += [fake_run(tmp_path, "clip_svd", 1, seed, 0.9),
+                 fake_run(tmp_path, "clip_lora", 1, seed, 0.1),
+                 fake_run(tmp_path, "clip_svd", 1, seed, 0.6, setting="base_to_novel"),
+                 fake_run(tmp_path, "clip_lora", 1, seed, 0.6, setting="base_to_novel")]
+    out = tmp_path / "report"
+    build_report(dirs, out)
+    rows = {setting: {line.split("|")[2].strip(): line for line in
+                      (out / f"{setting}.md").read_text().splitlines() if line.startswith("| ds")}
+            for setting in ("few_shot", "base_to_novel")}
+    few, b2n = rows["few_shot"], rows["base_to_novel"]
+    assert "30.00 [" in few["Zero-shot"] and "[100.0, 100.0]" not in few["Zero-shot"]
+    assert "100.00 [100.0, 100.0]" in b2n["Zero-shot"], b2n["Zero-shot"]
+    assert "†" in few["CLIP-LoRA"] and "†" not in b2n["CLIP-LoRA"], (few, b2n)
+
+
 def _store(path: Path, with_splits: bool) -> None:
     """A minimal prepared store: 6 images, 2 classes, groups (patients) per split."""
     path.mkdir(parents=True)

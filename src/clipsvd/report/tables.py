@@ -147,7 +147,8 @@ def accuracy_by_shots(table: pd.DataFrame, setting: str,
 
     intervals, marks, compared = {}, set(), set()
     if bootstrap is not None and len(bootstrap):
-        for r in bootstrap.itertuples(index=False):
+        # Keyed without the setting below: a dataset in both settings has a row of each.
+        for r in bootstrap[bootstrap.setting == setting].itertuples(index=False):
             intervals[(r.dataset, r.method, r.shots)] = (r.ci_low, r.ci_high)
             if r.method != "zero_shot" and r.reference_shots == r.shots:
                 compared.add(r.dataset)
