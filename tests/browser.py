@@ -30,16 +30,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def _apt_install(package: str) -> None:
+    """apt-get install, when running as root on Debian; a failure leaves the caller's skip."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", package], capture_output=True, env=env,
+                   timeout=900)
+
+
 def ensure_chromium() -> str | None:
     """Debian's chromium; installed with apt-get when missing and running as root."""
-    path = find_chromium()
-    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, env=env,
-                       timeout=900)
-        path = find_chromium()
-    return path
+    if find_chromium() is None:
+        _apt_install("chromium")
+    return find_chromium()
 
 
 def find_chromedriver() -> str | None:
@@ -47,6 +52,13 @@ def find_chromedriver() -> str | None:
         if candidate and Path(candidate).is_file():
             return candidate
     return None
+
+
+def ensure_chromedriver() -> str | None:
+    """Debian's chromium-driver, a package of its own: a machine may have chromium without it."""
+    if find_chromedriver() is None:
+        _apt_install("chromium-driver")
+    return find_chromedriver()
 
 
 def run_chromium(chromium: str, profile: Path, *args: str, timeout: int = 120):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import ARTIFACTS, WebDriver, ensure_chromium, find_chromedriver, run_chromium
+from browser import ARTIFACTS, WebDriver, ensure_chromedriver, ensure_chromium, run_chromium
 from clipsvd import tracking
 
 
@@ -174,7 +174,7 @@ def browser(server, tmp_path_factory):
     chromium = ensure_chromium()
     if chromium is None:
         pytest.skip("chromium is not installed and could not be installed (apt-get install -y chromium)")
-    chromedriver = find_chromedriver()
+    chromedriver = ensure_chromedriver()
     if chromedriver is None:
         pytest.skip("chromedriver is not installed (apt-get install -y chromium-driver)")
     with WebDriver(chromium, chromedriver, tmp_path_factory.mktemp("webdriver") / "profile",

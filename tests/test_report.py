@@ -536,9 +536,9 @@ def test_per_class_metrics(report_dir):
 def test_report_sections_in_chromium(report_dir, chromium, tmp_path):
     """A screenshot of every section of the HTML page (test-artifacts/report_<section>.png),
     each section present and non-empty."""
-    from browser import WebDriver, find_chromedriver
+    from browser import WebDriver, ensure_chromedriver
 
-    driver_path = find_chromedriver()
+    driver_path = ensure_chromedriver()
     if driver_path is None:
         pytest.skip("chromedriver is not installed (apt-get install -y chromium-driver)")
     sections = ["config", "datasets", "tables", "statistics", "figures", "provenance"]
