@@ -30,20 +30,21 @@ def find_chromium() -> str | None:
     return None
 
 
-def _apt_install(package: str) -> None:
+def _apt_install(*packages: str) -> None:
     """apt-get install, when running as root on Debian; a failure leaves the caller's skip."""
     if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", package], capture_output=True, env=env,
+    subprocess.run(["apt-get", "install", "-y", *packages], capture_output=True, env=env,
                    timeout=900)
 
 
 def ensure_chromium() -> str | None:
-    """Debian's chromium; installed with apt-get when missing and running as root."""
+    """Debian's chromium; installed with apt-get when missing and running as root, with its
+    driver in the same apt run (the WebDriver tests need it next)."""
     if find_chromium() is None:
-        _apt_install("chromium")
+        _apt_install("chromium", "chromium-driver")
     return find_chromium()
 
 
