@@ -100,6 +100,8 @@ class DatasetConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     overrides: dict = field(default_factory=dict)  # {method: {lr, epochs, ...}} for this dataset
     settings: tuple[str, ...] | None = None  # None: every setting of the study
+    class_names: dict | None = None  # {source class name: the name prompts give it}
+    exclude_pretrained_on: str | None = None  # <model>/<tag>: its pretraining images leave train
 
 
 @dataclass(frozen=True)
@@ -381,6 +383,20 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             if override.get("crop_scale") is not None:
                 check_crop_scale(override["crop_scale"],
                                  f"{source}: key 'datasets.{i}.overrides.{method}.crop_scale'")
+        if dataset.get("exclude_pretrained_on"):
+            from .data.holdout import packaged_hashes
+
+            packaged_hashes(dataset["exclude_pretrained_on"],
+                            f"{source}: key 'datasets.{i}.exclude_pretrained_on'")
+            if dataset["format"] != "medmnist":
+                raise ConfigError(f"{source}: key 'datasets.{i}.exclude_pretrained_on': works on "
+                                  "format 'medmnist' (the files clipsvd's pretraining reads); "
+                                  "remove the key")
+        renamed = list((dataset.get("class_names") or {}).values())
+        if len(set(renamed)) != len(renamed):
+            twice = sorted({n for n in renamed if renamed.count(n) > 1})[0]
+            raise ConfigError(f"{source}: key 'datasets.{i}.class_names': {twice!r} is given to "
+                              "two classes; give every class its own name")
         for j, template in enumerate(dataset["templates"]):
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "

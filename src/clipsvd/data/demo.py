@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -134,36 +135,42 @@ def _write_nifti(path: Path, image: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(np.ascontiguousarray(image.T * 1000.0), affine=np.eye(4)), path)
 
 
+def demo_images(demo: DemoConfig) -> Iterator[tuple[int, str, int, str, np.ndarray]]:
+    """(class index, class name, number in class, patient, float image) of every image of the
+    dataset, in the generator's order: one random stream for the whole dataset."""
+    rng = numpy_rng(demo.seed)
+    patient_number = 0
+    for class_index, class_name in enumerate(CLASSES):
+        remaining_in_patient = 0
+        for i in range(demo.per_class):
+            if remaining_in_patient == 0:  # each fake patient contributes 2 to 5 images
+                patient_number += 1
+                remaining_in_patient = int(rng.integers(2, 6))
+            remaining_in_patient -= 1
+            yield (class_index, class_name, i, f"patient{patient_number:03d}",
+                   render_image(class_name, demo.image_size, rng))
+
+
 def generate_demo_dataset(root: Path, demo: DemoConfig) -> None:
     """Write ``root/images/*`` and ``root/manifest.csv`` (path,label,group), atomically."""
     root = Path(root)
-    rng = numpy_rng(demo.seed)
     rows: list[tuple[str, str, str]] = []
     with atomic_dir(root) as tmp:
         (tmp / "images").mkdir()
-        patient_number = 0
-        for class_index, class_name in enumerate(CLASSES):
+        for class_index, class_name, i, patient, image in demo_images(demo):
             slug = class_name.replace(" ", "_")
-            remaining_in_patient = 0
-            for i in range(demo.per_class):
-                if remaining_in_patient == 0:  # each fake patient contributes 2 to 5 images
-                    patient_number += 1
-                    remaining_in_patient = int(rng.integers(2, 6))
-                remaining_in_patient -= 1
-                patient = f"patient{patient_number:03d}"
-                kind = FORMATS[(i + class_index) % len(FORMATS)]
-                relative = f"images/{slug}_{i:03d}{_EXTENSIONS[kind]}"
-                image = render_image(class_name, demo.image_size, rng)
-                target = tmp / relative
-                if kind == "png8":
-                    _write_png8(target, image)
-                elif kind == "png16":
-                    _write_png16(target, image)
-                elif kind == "dicom":
-                    _write_dicom(target, image, patient, f"{demo.seed}/{relative}")
-                else:
-                    _write_nifti(target, image)
-                rows.append((relative, class_name, patient))
+            kind = FORMATS[(i + class_index) % len(FORMATS)]
+            relative = f"images/{slug}_{i:03d}{_EXTENSIONS[kind]}"
+            target = tmp / relative
+            if kind == "png8":
+                _write_png8(target, image)
+            elif kind == "png16":
+                _write_png16(target, image)
+            elif kind == "dicom":
+                _write_dicom(target, image, patient, f"{demo.seed}/{relative}")
+            else:
+                _write_nifti(target, image)
+            rows.append((relative, class_name, patient))
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(("path", "label", "group"))

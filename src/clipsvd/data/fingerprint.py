@@ -17,7 +17,8 @@ from ..config import DatasetConfig
 # lists (a test checks it), so a new field needs a decision.
 PREPARATION_VERSION = 3  # 3: PIL modes as a viewer shows them; groups from columns, patterns, DICOM
 PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
-                      "columns", "groups", "preprocessing", "split")
+                      "columns", "groups", "preprocessing", "split", "class_names",
+                      "exclude_pretrained_on")
 UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides", "settings")
 
 
@@ -31,6 +32,11 @@ def preparation_parameters(dataset: DatasetConfig, image_size: int) -> dict[str,
     params = {name: values[name] for name in PREPARATION_FIELDS if name in values}
     params["image_size"] = int(image_size)
     params["preparation_version"] = PREPARATION_VERSION
+    if dataset.exclude_pretrained_on:  # what is excluded is the list's content, not its name
+        from .holdout import packaged_hashes, file_sha256
+
+        params["excluded_images_sha256"] = file_sha256(
+            packaged_hashes(dataset.exclude_pretrained_on, "exclude_pretrained_on"))
     return _plain(params)
 
 

@@ -508,6 +508,13 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
     if pre.on_error not in ("stop", "skip"):
         raise DataError(f"preprocessing.on_error: unknown value {pre.on_error!r}; use stop or skip")
     table = read_source(dataset)
+    excluded = None
+    if dataset.exclude_pretrained_on:
+        from .holdout import exclude_pretrained
+
+        table, excluded = exclude_pretrained(table, dataset.exclude_pretrained_on, dataset.name)
+        log.info("dataset '%s': %d train images %s was pretrained on left out (by content)",
+                 dataset.name, excluded["train_images_dropped"], dataset.exclude_pretrained_on)
     classes = classes_of(table)
     root = Path(dataset.root).expanduser().resolve()
     warnings_: list[str] = []
@@ -660,6 +667,7 @@ def _prepare(dataset: DatasetConfig, out_dir: Path, image_size: int, threads: in
             "transforms": pipeline.steps,
             "train_views": views.summary() if views is not None else None,
             "split": split_origin,
+            "excluded_pretraining_images": excluded,
             "n_files": len(fingerprints),
             "n_samples": total,
             "n_images": len(rows),

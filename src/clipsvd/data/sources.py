@@ -501,6 +501,8 @@ def read_source(dataset: DatasetConfig) -> pd.DataFrame:
                                     where)
             grouping.check_dicom_ids(table, dataset.groups, where)
     names = list(classes) if classes is not None else classes_of(table)
+    if dataset.class_names:
+        names, classes = _renamed(table, names, dataset, where), None
     if len(names) < 2:
         only = f" ({names[0]!r})" if names else ""
         raise DataError(f"{where}: dataset '{dataset.name}' has one class{only}; a classifier "
@@ -508,6 +510,25 @@ def read_source(dataset: DatasetConfig) -> pd.DataFrame:
     if classes is not None:
         table.attrs["classes"] = list(classes)
     return table
+
+
+def _renamed(table: pd.DataFrame, names: list[str], dataset: DatasetConfig,
+             where: str) -> list[str]:
+    """The class list with the dataset's ``class_names`` (source name → prompt name) applied,
+    the table's class names with it; the source's name is kept in ``source_class_name``."""
+    given = {str(k): v for k, v in dataset.class_names.items()}  # YAML may read 0: as a number
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise DataError(f"{where}: dataset '{dataset.name}': key 'class_names.{unknown[0]}': no "
+                        f"class of that name; the classes are {', '.join(map(repr, names))}")
+    renamed = [given.get(name, name) for name in names]
+    if len(set(renamed)) != len(renamed):
+        raise DataError(f"{where}: dataset '{dataset.name}': key 'class_names' gives two classes "
+                        "the same name; give every class its own")
+    table["source_class_name"] = table["class_name"]
+    table["class_name"] = [renamed[label] for label in table["label"]]
+    table.attrs["classes"] = renamed
+    return renamed
 
 
 def classes_of(table: pd.DataFrame) -> list[str]:
