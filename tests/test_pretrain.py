@@ -151,11 +151,88 @@ def test_vocabulary_spells_unknown_words_and_is_deterministic():
 
 
 def test_concept_captions_combine_every_part_in_a_fixed_order():
-    spec = {"templates": ["{a_modality} of {a_name}.", "{name}: {description}."],
+    spec = {"named_templates": ["{a_modality} of {a_name}.", "{name}: {description}."],
+            "described_templates": ["{a_modality} showing {description}."],
+            "modality_templates": ["{a_modality}."],
             "sources": {"s": {"modalities": ["ultrasound", "CT"], "classes": {
                 "edema": {"names": ["edema"], "descriptions": ["fluid", "swelling"]}}}}}
     assert pretrain.concept_captions(spec, "s", "edema") == [
         "an ultrasound of an edema.", "a CT of an edema.", "edema: fluid.", "edema: swelling."]
+    assert pretrain.concept_captions(spec, "s", "edema", "described") == [
+        "an ultrasound showing fluid.", "an ultrasound showing swelling.", "a CT showing fluid.",
+        "a CT showing swelling."]
+    assert pretrain.concept_captions(spec, "s", None, "modality") == ["an ultrasound.", "a CT."]
+
+
+def test_described_and_modality_captions_never_name_their_class():
+    """Protocol 2: only the 'named' share of the captions carries a class's name or synonym; a
+    description may mention another class as a landmark ('below the liver'), a modality-only
+    caption no class at all."""
+    spec = pretrain.load_caption_spec()
+
+    def named(text, names):
+        words = " ".join(pretrain._words(text))
+        return [n for n in names
+                if re.search(rf"(?<!\w){re.escape(' '.join(pretrain._words(n)))}(?!\w)", words)]
+
+    for source, group in spec["sources"].items():
+        every_name = [n for c in group["classes"].values() for n in c["names"]]
+        for text in pretrain.concept_captions(spec, source, None, "modality"):
+            assert not named(text, every_name), (source, text)
+        for class_name, concept in group["classes"].items():
+            for text in pretrain.concept_captions(spec, source, class_name, "described"):
+                assert not named(text, concept["names"]), (source, class_name, text)
+            assert named(pretrain.concept_captions(spec, source, class_name)[0],
+                         concept["names"])
+
+
+def _toy_corpus():
+    """Two sources: 'a' with classes 0 and 1, 'b' with class 2; two images per class."""
+    captions = [f"c{i}" for i in range(7)]
+    first = np.array([[0, 1, 0], [2, 3, 0], [4, 5, 0], [0, 0, 6], [0, 0, 6]])
+    count = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1]])
+    return pretrain.Corpus(
+        sources=[], item_source=np.array([0, 0, 0, 0, 1, 1]), item_row=np.arange(6),
+        item_concept=np.array([0, 0, 1, 1, 2, 2]), concept_names=list("01" "2ab"),
+        concept_source=np.array([0, 0, 1]), source_concept=np.array([3, 4]),
+        caption_tokens=torch.zeros(7, 1), caption_concept=torch.tensor([0, 0, 1, 1, 2, 2, 3]),
+        caption_first=first, caption_count=count), captions
+
+
+def test_captions_are_drawn_from_the_recipes_mixture():
+    corpus, _ = _toy_corpus()
+    items = np.tile(np.arange(6), 500)
+    draw = lambda **mix: pretrain.draw_captions(  # noqa: E731
+        corpus, items, {**pretrain.CAPTION_MIX, **mix}, torch.Generator().manual_seed(0))
+    ids, concepts = draw(named=1.0)
+    assert (concepts == corpus.item_concept[items]).all()
+    assert (ids == corpus.caption_first[concepts, 0]).all()  # each class's named caption
+    ids, concepts = draw(named=0.0, described=0.0, modality=1.0)
+    assert (concepts == corpus.source_concept[corpus.item_source[items]]).all()
+    ids, concepts = draw(named=0.5, described=0.25, modality=0.25, wrong_class=0.2)
+    kinds = np.select([ids == corpus.caption_first[concepts, k] for k in range(3)], [0, 1, 2])
+    shares = np.bincount(kinds, minlength=3) / len(items)
+    assert shares == pytest.approx([0.5, 0.25, 0.25], abs=0.03)
+    classed = concepts < 3
+    wrong = concepts[classed] != corpus.item_concept[items][classed]
+    # 'a' has another class, 'b' none: a fifth of the images of 'a' speak of the other class
+    from_a = corpus.item_source[items][classed] == 0
+    assert wrong[from_a].mean() == pytest.approx(0.2, abs=0.03) and not wrong[~from_a].any()
+
+
+def test_a_modality_caption_is_a_positive_of_every_image_of_its_source():
+    """Image 0 (class 0) and image 1 (class 1) of one source share the modality caption (concept
+    9 of source concept 9): it is a positive of both, so no loss pushes either from it."""
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
+    sources = torch.tensor([9, 9])
+    loss, hits = pretrain.contrastive_loss(features, text, torch.tensor([9, 9]), torch.tensor([9]),
+                                           torch.tensor(10.0), sources)
+    assert hits.item() == 1.0
+    assert loss.item() == pytest.approx(0.5 * np.log(2))  # the caption split over two images
+    loss_without, hits_without = pretrain.contrastive_loss(
+        features, text, torch.tensor([0, 1]), torch.tensor([9]), torch.tensor(10.0), sources)
+    assert loss_without.item() == pytest.approx(loss.item()) and hits_without.item() == 1.0
 
 
 def test_contrastive_loss_treats_same_concept_pairs_as_positives():
@@ -211,11 +288,11 @@ def test_recipe_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'sources.0.split': pretraining reads only a "
                                           r"MedMNIST file's train split, got 'test'"):
         pretrain.load_recipe(bad)
-    bad.write_text(text.replace("  organamnist: {split: val}", "  organmnist: {split: val}"),
+    bad.write_text(text.replace("  organamnist: {split: val,", "  organmnist: {split: val,"),
                    encoding="utf-8")
     with pytest.raises(ConfigError, match=r"key 'evaluation.organmnist': no source is named"):
         pretrain.load_recipe(bad)
-    bad.write_text(text.replace("  bloodmnist: {split: val}", "  bloodmnist: {}"),
+    bad.write_text(text.replace("  bloodmnist: {split: val,", "  bloodmnist: {"),
                    encoding="utf-8")
     with pytest.raises(ConfigError, match=r"key 'evaluation.bloodmnist.split': give val or test"):
         pretrain.load_recipe(bad)
@@ -224,6 +301,16 @@ def test_recipe_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'crop_scale': need 0 < low <= high <= 1, "
                                           r"got \[0.6, 1.5\]"):
         pretrain.load_recipe(bad)
+    bad.write_text(text.replace("named: 0.4,", "named: 0.5,"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'captions': named \+ described \+ modality must"):
+        pretrain.load_recipe(bad)
+    bad.write_text(text.replace("    share: 0.5\n", "    share: 1.5\n", 1), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'sources.0.share': give the pretraining part"):
+        pretrain.load_recipe(bad)
+    bad.write_text(text.replace("classes: [bladder,", "classes: [bladdr,"), encoding="utf-8")
+    recipe = pretrain.load_recipe(bad)
+    with pytest.raises(ConfigError, match=r"key 'classes': 'bladdr' is not a class of organ"):
+        pretrain.train_partition(recipe.sources[0], np.zeros(4, dtype=int))
 
 
 def test_input_with_another_md5_stops_before_writing(tmp_path):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import PreprocessingConfig, check_crop_scale
+from .config import LinearProbeConfig, PreprocessingConfig, check_crop_scale
 from .errors import ConfigError, DataError
 from .io import write_json, write_safetensors
 
@@ -57,6 +57,8 @@ TOKENIZER_CONFIG = {
     "cls_token": "[CLS]", "mask_token": "[MASK]"}
 MEDMNIST_LAYOUTS = {3: "hw", 4: "hwc"}  # N×H×W grey, N×H×W×3 colour
 HELD_OUT_SEED_OFFSET = 1000  # demo images for evaluation: another seed than training's
+CAPTION_KINDS = ("named", "described", "modality")
+CAPTION_MIX = {"named": 1.0, "described": 0.0, "modality": 0.0, "wrong_class": 0.0}
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -73,6 +75,10 @@ class SourceRecipe:
     md5: str | None = None
     demo: dict | None = None  # {per_class, image_size, seed}
     caption_source: str | None = None  # the concept group in the captions file (default: name)
+    share: float = 1.0  # MedMNIST: the pretraining part of the train split; the rest is the pool
+    partition_seed: int = 0  # the seed of that partition (clipsvd.data.holdout.pretraining_part)
+    classes: tuple[str, ...] | None = None  # only these classes' images (None: every class)
+    repeat: int = 1  # each image this many times per pass over the corpus (a small source's say)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,12 @@ class Recipe:
     check_steps: tuple[int, ...] = (2,)
     init_seed: int = 0
     init_scale: float = 1.0  # the transformer blocks' matrices start at this share of open_clip's init
-    evaluation: dict = field(default_factory=dict)  # {source name: {split, per_class}}
+    evaluation: dict = field(default_factory=dict)  # {source name: {split, per_class, template}}
+    # How each image's caption is drawn: the shares of named / described / modality-only
+    # captions (they sum to 1), and the chance it is another class's caption (label noise).
+    captions: dict = field(default_factory=lambda: dict(CAPTION_MIX))
+    probe_shots: int = 16  # the linear probe of the validation record: K per class from the pool
+    probe_seeds: tuple[int, ...] = (1, 2, 3)
 
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -147,6 +158,17 @@ def load_recipe(path: str | Path) -> Recipe:
             raise ConfigError(f"{path}: key 'sources.{i}.split': pretraining reads only a "
                               f"MedMNIST file's train split, got {item['split']!r}; remove the "
                               "key or set it to train")
+        if not isinstance(item.get("repeat", 1), int) or item.get("repeat", 1) < 1:
+            raise ConfigError(f"{path}: key 'sources.{i}.repeat': give a whole number ≥ 1")
+        share = item.get("share", 1.0)
+        if not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"{path}: key 'sources.{i}.share': give the pretraining part of the "
+                              f"train split as a number in (0, 1], got {share!r}")
+        if item.get("classes") is not None:
+            if not isinstance(item["classes"], list) or not item["classes"]:
+                raise ConfigError(f"{path}: key 'sources.{i}.classes': give a list of class "
+                                  "names, or remove the key for every class")
+            item = {**item, "classes": tuple(str(c) for c in item["classes"])}
         source = SourceRecipe(**{**item, "preprocessing": item.get("preprocessing") or {}})
         try:
             _preprocessing(source)
@@ -158,7 +180,7 @@ def load_recipe(path: str | Path) -> Recipe:
     for key in ("steps", "batch_size", "threads"):
         if not isinstance(values.get(key, 1), int) or values.get(key, 1) < 1:
             raise ConfigError(f"{path}: key '{key}': give a whole number ≥ 1")
-    for key in ("betas", "crop_scale", "crop_ratio", "check_steps"):
+    for key in ("betas", "crop_scale", "crop_ratio", "check_steps", "probe_seeds"):
         if key in values:
             values[key] = tuple(values[key])
     by_name = {s.name: s for s in sources}
@@ -170,6 +192,17 @@ def load_recipe(path: str | Path) -> Recipe:
                 "val", "test"):
             raise ConfigError(f"{path}: key 'evaluation.{name}.split': give val or test, the "
                               "images of the MedMNIST file that pretraining never sees")
+    mix = values.get("captions", CAPTION_MIX)
+    if not isinstance(mix, dict) or set(mix) - set(CAPTION_MIX):
+        raise ConfigError(f"{path}: key 'captions': a mapping of {', '.join(CAPTION_MIX)} to "
+                          "shares")
+    mix = {**{k: 0.0 for k in CAPTION_MIX}, **mix}
+    if any(not isinstance(v, (int, float)) or v < 0 for v in mix.values()) \
+            or not math.isclose(sum(mix[k] for k in CAPTION_KINDS), 1.0, abs_tol=1e-9) \
+            or mix["wrong_class"] >= 1:
+        raise ConfigError(f"{path}: key 'captions': named + described + modality must be "
+                          f"non-negative shares summing to 1 and wrong_class in [0, 1), got {mix}")
+    values["captions"] = mix
     recipe = Recipe(sources=tuple(sources), **values)
     check_crop_scale(recipe.crop_scale, f"{path}: key 'crop_scale'")
     if any(not 1 <= s <= recipe.steps for s in recipe.check_steps):
@@ -195,16 +228,18 @@ def captions_sha256() -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def concept_captions(spec: dict[str, Any], source: str, class_name: str) -> list[str]:
-    """Every caption of one class: templates × modalities × names × descriptions, deduplicated
-    in first-seen order (so the list, and the caption a seed draws, never depends on hashing)."""
+def concept_captions(spec: dict[str, Any], source: str, class_name: str | None,
+                     kind: str = "named") -> list[str]:
+    """Every caption of one kind (named, described; modality: ``class_name`` None) of a class:
+    templates × modalities × names × descriptions, deduplicated in first-seen order (so the
+    list, and the caption a seed draws, never depends on hashing)."""
     group = spec["sources"][source]
-    concept = group["classes"][class_name]
+    concept = group["classes"][class_name] if kind != "modality" else {}
     captions: dict[str, None] = {}
-    for template in spec["templates"]:
+    for template in spec[f"{kind}_templates"]:
         for modality in group["modalities"]:
-            for name in concept["names"]:
-                for description in concept["descriptions"]:
+            for name in concept.get("names", [""]):
+                for description in concept.get("descriptions", [""]):
                     text = template.format(modality=modality, a_modality=_article(modality),
                                            name=name, a_name=_article(name),
                                            description=description)
@@ -214,8 +249,18 @@ def concept_captions(spec: dict[str, Any], source: str, class_name: str) -> list
 
 def all_caption_texts(spec: dict[str, Any] | None = None) -> list[str]:
     spec = spec or load_caption_spec()
-    return [caption for source, group in spec["sources"].items() for name in group["classes"]
-            for caption in concept_captions(spec, source, name)]
+    texts = []
+    for source, group in spec["sources"].items():
+        for name in group["classes"]:
+            texts += concept_captions(spec, source, name, "named")
+            texts += concept_captions(spec, source, name, "described")
+        texts += concept_captions(spec, source, None, "modality")
+    return texts
+
+
+def prompt_name(spec: dict[str, Any], source: str, class_name: str) -> str:
+    """The name a study's prompt gives the class: the first of its concept's names."""
+    return spec["sources"][source]["classes"][class_name]["names"][0]
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -316,18 +361,21 @@ class ImageSource:
 class MedmnistSource(ImageSource):
     """One split of a MedMNIST npz file (its label names from the package's copy of INFO)."""
 
-    def __init__(self, path: Path, flag: str, split: str, preprocessing: PreprocessingConfig,
-                 image_size: int, name: str):
+    def __init__(self, arrays: np.ndarray, labels: np.ndarray, rows: np.ndarray, flag: str,
+                 preprocessing: PreprocessingConfig, image_size: int, name: str):
         from .data.sources import medmnist_labels
 
-        with np.load(path) as npz:
-            self.arrays = npz[f"{split}_images"]
-            labels = npz[f"{split}_labels"].reshape(-1)
+        self.arrays, self.rows = arrays, rows  # rows: which images of the split this source has
         self.layout = MEDMNIST_LAYOUTS[self.arrays.ndim]
-        super().__init__(name, labels, medmnist_labels(flag), preprocessing, image_size)
+        super().__init__(name, labels[rows], medmnist_labels(flag), preprocessing, image_size)
 
     def raw(self, index: int) -> tuple[np.ndarray, str]:
-        return self.arrays[index], self.layout
+        return self.arrays[self.rows[index]], self.layout
+
+    def hashes(self) -> list[str]:
+        from .data.holdout import array_hashes
+
+        return array_hashes(self.arrays[self.rows])
 
 
 class DemoSource(ImageSource):
@@ -343,39 +391,101 @@ class DemoSource(ImageSource):
         super().__init__(name, labels, list(CLASSES), preprocessing, image_size)
 
     def raw(self, index: int) -> tuple[np.ndarray, str]:
-        from .data.demo import render_image
-        from .seeding import numpy_rng
+        return demo_array(self.class_names, self.per_class, self.render_size, self.seed,
+                          index), "hw"
 
-        label, number = divmod(index, self.per_class)
-        rng = numpy_rng(self.seed, label, number)
-        image = render_image(self.class_names[label], self.render_size, rng)
-        return np.rint(image * 255).astype(np.uint8), "hw"
+    def hashes(self) -> list[str]:
+        from .data.holdout import image_hash
+
+        return [image_hash(self.raw(i)[0]) for i in range(len(self))]
+
+
+def demo_array(class_names: Sequence[str], per_class: int, render_size: int, seed: int,
+               index: int) -> np.ndarray:
+    """Image ``index`` of a demo stream (class-major), as the generator's 8-bit array."""
+    from .data.demo import render_image
+    from .seeding import numpy_rng
+
+    label, number = divmod(index, per_class)
+    rng = numpy_rng(seed, label, number)
+    image = render_image(class_names[label], render_size, rng)
+    return np.rint(image * 255).astype(np.uint8)
+
+
+def _medmnist_path(source: SourceRecipe, data_dir: Path | None, check_md5: bool) -> Path:
+    if data_dir is None:
+        raise DataError(f"source '{source.name}' reads {source.medmnist}.npz; give the "
+                        "folder that holds it with --data")
+    path = Path(data_dir) / f"{source.medmnist}.npz"
+    if not path.is_file():
+        raise DataError(f"{path}: MedMNIST file not found; --data must name the folder "
+                        f"with {source.medmnist}.npz (e.g. ../shared/data/medmnist)")
+    if check_md5:
+        digest = file_md5(path)
+        if digest != source.md5:
+            raise DataError(f"{path}: MD5 {digest} differs from the recipe's {source.md5}; "
+                            "use the official MedMNIST v3 file")
+    return path
+
+
+def evaluated_hashes(recipe: Recipe, data_dir: Path | None,
+                     check_md5: bool = True) -> frozenset[str]:
+    """The content hash of every val and test image of every MedMNIST file the recipe reads:
+    images pretraining must not hold, whichever split of which file they sit in."""
+    from .data.holdout import array_hashes
+
+    hashes: set[str] = set()
+    for source in recipe.sources:
+        if source.medmnist is not None:
+            with np.load(_medmnist_path(source, data_dir, check_md5)) as npz:
+                for split in ("val", "test"):
+                    hashes.update(array_hashes(npz[f"{split}_images"]))
+    return frozenset(hashes)
+
+
+def train_partition(source: SourceRecipe, labels: np.ndarray) -> np.ndarray:
+    """The train rows of the source's pretraining part and of its kept classes (a mask)."""
+    from .data.holdout import pretraining_part
+    from .data.sources import medmnist_labels
+
+    part = pretraining_part(len(labels), source.share, source.partition_seed)
+    if source.classes is not None:
+        names = medmnist_labels(source.medmnist)
+        unknown = sorted(set(source.classes) - set(names))
+        if unknown:
+            raise ConfigError(f"recipe source '{source.name}': key 'classes': {unknown[0]!r} is "
+                              f"not a class of {source.medmnist}; use {', '.join(names)}")
+        part &= np.isin(labels, [names.index(c) for c in source.classes])
+    return part
 
 
 def open_source(source: SourceRecipe, data_dir: Path | None, image_size: int,
-                held_out: dict | None = None, check_md5: bool = True) -> ImageSource:
-    """The source's training images, or with ``held_out`` ({split} for MedMNIST, {per_class}
-    for the demo, whose held-out images come from the seed + 1000) images never trained on.
-    A MedMNIST file must be present and carry the recipe's MD5."""
+                held_out: dict | None = None, check_md5: bool = True,
+                excluded: frozenset[str] = frozenset()) -> ImageSource:
+    """The source's training images (its pretraining part, less any image whose content hash
+    is in ``excluded``), or with ``held_out`` ({split} for MedMNIST, {per_class} for the demo,
+    whose held-out images come from the seed + 1000) images never trained on. A MedMNIST file
+    must be present and carry the recipe's MD5."""
+    from .data.holdout import array_hashes
+
     preprocessing = _preprocessing(source)
     if source.medmnist is not None:
-        if data_dir is None:
-            raise DataError(f"source '{source.name}' reads {source.medmnist}.npz; give the "
-                            "folder that holds it with --data")
-        path = Path(data_dir) / f"{source.medmnist}.npz"
-        if not path.is_file():
-            raise DataError(f"{path}: MedMNIST file not found; --data must name the folder "
-                            f"with {source.medmnist}.npz (e.g. ../shared/data/medmnist)")
-        if check_md5:
-            digest = file_md5(path)
-            if digest != source.md5:
-                raise DataError(f"{path}: MD5 {digest} differs from the recipe's {source.md5}; "
-                                "use the official MedMNIST v3 file")
+        path = _medmnist_path(source, data_dir, check_md5)
         split = held_out["split"] if held_out else source.split
         if held_out and split == source.split:
             raise ConfigError(f"recipe key 'evaluation.{source.name}.split': {split} is the "
                               "split pretraining trains on; name another (val)")
-        return MedmnistSource(path, source.medmnist, split, preprocessing, image_size,
+        with np.load(path) as npz:
+            arrays = npz[f"{split}_images"]
+            labels = npz[f"{split}_labels"].reshape(-1)
+        if held_out:
+            rows = np.arange(len(labels))
+        else:
+            keep = train_partition(source, labels)
+            if excluded:
+                keep &= np.asarray([h not in excluded for h in array_hashes(arrays)], dtype=bool)
+            rows = np.flatnonzero(keep)
+        return MedmnistSource(arrays, labels, rows, source.medmnist, preprocessing, image_size,
                               source.name)
     demo = dict(source.demo or {})
     seed = int(demo.get("seed", 0)) + (HELD_OUT_SEED_OFFSET if held_out else 0)
@@ -420,11 +530,16 @@ def random_resized_crops(images: torch.Tensor, generator: torch.Generator,
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                      image_concepts: torch.Tensor, text_concepts: torch.Tensor,
-                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric cross-entropy where every (image, caption) pair of one concept is a positive;
+                     scale: torch.Tensor, image_sources: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric cross-entropy where every (image, caption) pair of one concept is a positive,
+    and a modality-only caption (concept in ``image_sources``) for every image of its source;
     returns the loss and the fraction of images whose best caption is a positive."""
     logits = scale * image_features @ text_features.t()
-    positive = (image_concepts[:, None] == text_concepts[None, :]).float()
+    positive = image_concepts[:, None] == text_concepts[None, :]
+    if image_sources is not None:
+        positive |= image_sources[:, None] == text_concepts[None, :]
+    positive = positive.float()
     image_loss = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
     text_loss = -(positive.t() / positive.t().sum(1, keepdim=True)
                   * logits.t().log_softmax(1)).sum(1)
@@ -466,27 +581,39 @@ def _parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, 
 
 @dataclass
 class Corpus:
-    """Every training item: (source, row, concept), with the concepts' tokenised captions."""
+    """Every training item (source, row, class concept) and every caption, tokenised.
+
+    Concepts: one per class of each source, then one per source (its modality captions).
+    ``caption_first[c, kind]`` and ``caption_count[c, kind]`` locate the named and described
+    captions of class concept ``c``; a source's modality captions are those of its concept.
+    """
 
     sources: list[ImageSource]
     item_source: np.ndarray
     item_row: np.ndarray
     item_concept: np.ndarray
     concept_names: list[str]
-    caption_tokens: torch.Tensor  # all captions, concept-major
+    concept_source: np.ndarray  # the source of each class concept
+    source_concept: np.ndarray  # the modality concept of each source
+    caption_tokens: torch.Tensor  # all captions
     caption_concept: torch.Tensor
-    concept_first: np.ndarray  # index of each concept's first caption
-    concept_count: np.ndarray  # number of captions of each concept
+    caption_first: np.ndarray  # concept × (named, described, modality): first caption
+    caption_count: np.ndarray  # and how many
+
+    def hashes(self) -> list[str]:
+        """The content hash of every image the corpus holds (clipsvd.data.holdout)."""
+        return [h for source in self.sources for h in source.hashes()]
 
 
 def build_corpus(recipe: Recipe, data_dir: Path | None, image_size: int, tokenizer,
                  check_md5: bool = True) -> Corpus:
     spec = load_caption_spec()
-    sources, concept_names, captions, caption_concept = [], [], [], []
-    concept_first, concept_count = [], []
+    excluded = evaluated_hashes(recipe, data_dir, check_md5)
+    sources, class_concepts, concept_source, groups = [], [], [], []
     item_source, item_row, item_concept = [], [], []
     for source_index, source in enumerate(recipe.sources):
-        images = open_source(source, data_dir, image_size, check_md5=check_md5)
+        images = open_source(source, data_dir, image_size, check_md5=check_md5,
+                             excluded=excluded)
         group = source.caption_source or source.name
         if group not in spec["sources"]:
             raise ConfigError(f"recipe source '{source.name}': the captions file has no source "
@@ -497,23 +624,60 @@ def build_corpus(recipe: Recipe, data_dir: Path | None, image_size: int, tokeniz
             if class_name not in spec["sources"][group]["classes"]:
                 raise ConfigError(f"{CAPTIONS_RESOURCE}: source '{group}' has no concept for "
                                   f"class {class_name!r}; add it")
-            texts = concept_captions(spec, group, class_name)
-            concept_of_label.append(len(concept_names))
-            concept_first.append(len(captions))
-            concept_count.append(len(texts))
-            caption_concept += [len(concept_names)] * len(texts)
-            concept_names.append(f"{group}/{class_name}")
-            captions += texts
+            concept_of_label.append(len(class_concepts))
+            class_concepts.append((group, class_name))
+            concept_source.append(source_index)
+        groups.append(group)
         sources.append(images)
-        item_source.append(np.full(len(images), source_index))
-        item_row.append(np.arange(len(images)))
-        item_concept.append(np.asarray(concept_of_label)[images.labels])
+        rows = np.tile(np.arange(len(images)), source.repeat)
+        item_source.append(np.full(len(rows), source_index))
+        item_row.append(rows)
+        item_concept.append(np.asarray(concept_of_label, dtype=np.int64)[images.labels[rows]])
+    n_classes, n_concepts = len(class_concepts), len(class_concepts) + len(sources)
+    first = np.zeros((n_concepts, len(CAPTION_KINDS)), dtype=np.int64)
+    count = np.zeros_like(first)
+    captions: list[str] = []
+    caption_concept: list[int] = []
+
+    def add(concept: int, kind: int, texts: list[str]) -> None:
+        first[concept, kind], count[concept, kind] = len(captions), len(texts)
+        captions.extend(texts)
+        caption_concept.extend([concept] * len(texts))
+
+    for concept, (group, class_name) in enumerate(class_concepts):
+        for kind in (0, 1):
+            add(concept, kind, concept_captions(spec, group, class_name, CAPTION_KINDS[kind]))
+    for source_index, group in enumerate(groups):
+        add(n_classes + source_index, 2, concept_captions(spec, group, None, "modality"))
     check_tokens(tokenizer, captions)
-    tokens = tokenizer(captions)
     return Corpus(sources, np.concatenate(item_source), np.concatenate(item_row),
-                  np.concatenate(item_concept), concept_names, tokens,
-                  torch.tensor(caption_concept), np.asarray(concept_first),
-                  np.asarray(concept_count))
+                  np.concatenate(item_concept),
+                  [f"{g}/{c}" for g, c in class_concepts] + [f"{g}/*" for g in groups],
+                  np.asarray(concept_source), n_classes + np.arange(len(sources)),
+                  tokenizer(captions), torch.tensor(caption_concept), first, count)
+
+
+def draw_captions(corpus: Corpus, items: np.ndarray, mix: dict[str, float],
+                  generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One caption per item from the recipe's mixture; returns the caption ids and each item's
+    label concept (the class its caption speaks of, which label noise may have changed, or the
+    source's modality concept for a modality-only caption)."""
+    n = len(items)
+    u = torch.rand(n, 3, dtype=torch.float64, generator=generator).numpy()
+    draws = torch.randint(0, 1 << 30, (n, 2), generator=generator).numpy()
+    concept = corpus.item_concept[items].copy()
+    source = corpus.item_source[items]
+    noisy = np.flatnonzero(u[:, 0] < mix["wrong_class"])
+    for i in noisy:  # another class of the same source, uniformly
+        others = np.flatnonzero((corpus.concept_source == source[i])
+                                & (np.arange(len(corpus.concept_source)) != concept[i]))
+        if len(others):
+            concept[i] = others[draws[i, 1] % len(others)]
+    kind = np.where(u[:, 1] < mix["named"], 0,
+                    np.where(u[:, 1] < mix["named"] + mix["described"], 1, 2))
+    concept = np.where(kind == 2, corpus.source_concept[source], concept)
+    ids = corpus.caption_first[concept, kind] + draws[:, 0] % corpus.caption_count[concept, kind]
+    return ids, concept
 
 
 def check_tokens(tokenizer, captions: list[str]) -> None:
@@ -608,8 +772,9 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
     model = loaded.model
     scale_block_matrices(model, recipe.init_scale)
     corpus = build_corpus(recipe, data_dir, loaded.image_size, loaded.tokenizer)
-    log.info("pretraining %s: %d images of %d concepts from %s, %d captions; %d of %d steps of "
-             "%d, %d threads", recipe.model, len(corpus.item_row), len(corpus.concept_names),
+    log.info("pretraining %s: %d images (%d items a pass) of %d concepts from %s, %d captions; "
+             "%d of %d steps of %d, %d threads", recipe.model,
+             sum(len(s) for s in corpus.sources), len(corpus.item_row), len(corpus.concept_names),
              ", ".join(s.name for s in corpus.sources), len(corpus.caption_tokens), steps,
              recipe.steps, recipe.batch_size, recipe.threads)
     mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
@@ -627,9 +792,7 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
         while len(order) < recipe.batch_size:
             order = torch.cat([order, torch.randperm(len(corpus.item_row), generator=generator)])
         batch, order = order[:recipe.batch_size].numpy(), order[recipe.batch_size:]
-        concepts = corpus.item_concept[batch]
-        draws = torch.randint(0, 1 << 30, (len(batch),), generator=generator).numpy()
-        caption_ids = corpus.concept_first[concepts] + draws % corpus.concept_count[concepts]
+        caption_ids, concepts = draw_captions(corpus, batch, recipe.captions, generator)
         unique_ids = np.unique(caption_ids)
         images = _batch_images(corpus, batch).float().div_(255)
         images = random_resized_crops(images, generator, recipe.crop_scale, recipe.crop_ratio)
@@ -642,7 +805,8 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
         loss, hits = contrastive_loss(image_features, text_features,
                                       torch.from_numpy(concepts),
                                       corpus.caption_concept[unique_ids],
-                                      model.logit_scale.exp())
+                                      model.logit_scale.exp(), torch.from_numpy(
+                                          corpus.source_concept[corpus.item_source[batch]]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -679,16 +843,26 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
         "fingerprint": fingerprint, **code}
     tensors = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     out_path = Path(out_path)
+    from .data.holdout import hashes_path, write_hashes
+
+    n_hashed = write_hashes(hashes_path(out_path), corpus.hashes())
     write_safetensors(out_path, tensors, metadata)
     record = {"weights": out_path.name, "fingerprint": fingerprint, "steps": steps,
               "check_fingerprints": check_fingerprints,
               "seconds_total": None, "seconds_training": round(train_seconds, 1),
               "load_average_at_start": [round(v, 2) for v in load_at_start],
               "cpu_count": os.cpu_count(), "threads": recipe.threads,
+              "images": {"read": sum(len(s) for s in corpus.sources),
+                         "items_per_pass": int(len(corpus.item_row)), "distinct_hashes": n_hashed,
+                         "by_source": {s.name: len(s) for s in corpus.sources},
+                         "hashes_file": hashes_path(out_path).name},
               "history_every_10_steps": history[::10] + (
                   history[-1:] if (len(history) - 1) % 10 else [])}
     if stop_after is None:
         record["zero_shot_validation"] = zero_shot_validation(recipe, data_dir, loaded)
+        record["probe_validation"] = probe_validation(recipe, data_dir, loaded,
+                                                      frozenset(corpus.hashes()))
+        record["regime"] = regime(record)
     record["seconds_total"] = round(time.perf_counter() - started, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     record["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)  # of the whole process
@@ -699,11 +873,33 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
     return record
 
 
+def _normalised(loaded, images: np.ndarray) -> torch.Tensor:
+    batch = torch.from_numpy(images).float().div_(255)
+    return (batch - torch.tensor(loaded.mean).view(1, 3, 1, 1)) / torch.tensor(
+        loaded.std).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def _features(loaded, images: ImageSource, rows: np.ndarray | None = None) -> torch.Tensor:
+    from .models import encode_images
+
+    rows = np.arange(len(images)) if rows is None else rows
+    out = [encode_images(loaded.model, _normalised(loaded, images.get(rows[i:i + 256])))
+           for i in range(0, len(rows), 256)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _template(spec: dict[str, Any], source: SourceRecipe, settings: dict) -> str:
+    modality = spec["sources"][source.caption_source or source.name]["modalities"][0]
+    return settings.get("template") or f"{_article(modality)} showing {{}}."
+
+
 @torch.no_grad()
 def zero_shot_validation(recipe: Recipe, data_dir: Path | None, loaded) -> dict[str, Any]:
     """Zero-shot accuracy on images not trained on (each source's evaluation split, or demo
-    images from another seed), with the prompt '<a modality> showing <class>.'"""
-    from .models import encode_class_prompts, encode_images
+    images from another seed), every class of the file, with the evaluation's template
+    (default '<a modality> showing {}.') and each class's prompt name."""
+    from .models import encode_class_prompts
 
     spec = load_caption_spec()
     results = {}
@@ -713,22 +909,85 @@ def zero_shot_validation(recipe: Recipe, data_dir: Path | None, loaded) -> dict[
             continue
         images = open_source(source, data_dir, loaded.image_size, held_out=settings,
                              check_md5=False)
-        modality = spec["sources"][source.caption_source or source.name]["modalities"][0]
-        template = f"{_article(modality)} showing {{}}."
-        text = encode_class_prompts(loaded, images.class_names, [template])
-        correct = 0
-        for start in range(0, len(images), 256):
-            rows = np.arange(start, min(start + 256, len(images)))
-            batch = torch.from_numpy(images.get(rows)).float().div_(255)
-            batch = (batch - torch.tensor(loaded.mean).view(1, 3, 1, 1)) / torch.tensor(
-                loaded.std).view(1, 3, 1, 1)
-            predicted = (encode_images(loaded.model, batch) @ text.t()).argmax(1).numpy()
-            correct += int((predicted == images.labels[rows]).sum())
+        group = source.caption_source or source.name
+        template = _template(spec, source, settings)
+        names = [prompt_name(spec, group, c) for c in images.class_names]
+        text = encode_class_prompts(loaded, names, [template])
+        predicted = (_features(loaded, images) @ text.t()).argmax(1).numpy()
+        accuracy = float((predicted == images.labels).mean())
         results[source.name] = {"split": settings.get("split", "demo, seed + 1000"),
                                 "images": len(images), "classes": len(images.class_names),
-                                "template": template, "accuracy": round(correct / len(images), 4),
+                                "template": template, "accuracy": round(accuracy, 4),
                                 "chance": round(1 / len(images.class_names), 4)}
         log.info("zero-shot on %s (%s, %d images): %.1f %% (chance %.1f %%)", source.name,
-                 results[source.name]["split"], len(images), 100 * correct / len(images),
+                 results[source.name]["split"], len(images), 100 * accuracy,
                  100 / len(images.class_names))
     return results
+
+
+def probe_validation(recipe: Recipe, data_dir: Path | None, loaded,
+                     pretrained_on: frozenset[str]) -> dict[str, Any]:
+    """The linear probe of the studies at K = ``probe_shots`` on the same model, for each
+    MedMNIST evaluation source: support sets from the support pool (the train images outside
+    the pretraining part whose content pretraining did not read), C chosen on a validation
+    support set of min(K, 4) images per class, accuracy on the whole evaluation split."""
+    from .data.holdout import array_hashes, pretraining_part
+    from .probe import fit_linear_probe, probe_probabilities
+    from .seeding import numpy_rng
+
+    probe = LinearProbeConfig()  # the studies' default grid and iterations
+    results = {}
+    for source in recipe.sources:
+        settings = recipe.evaluation.get(source.name)
+        if not settings or source.medmnist is None:
+            continue
+        evaluation = open_source(source, data_dir, loaded.image_size, held_out=settings,
+                                 check_md5=False)
+        with np.load(_medmnist_path(source, data_dir, check_md5=False)) as npz:
+            arrays, labels = npz["train_images"], npz["train_labels"].reshape(-1)
+        pool = ~pretraining_part(len(labels), source.share, source.partition_seed)
+        pool &= np.asarray([h not in pretrained_on for h in array_hashes(arrays)], dtype=bool)
+        train = MedmnistSource(arrays, labels, np.flatnonzero(pool), source.medmnist,
+                               _preprocessing(source), loaded.image_size, source.name)
+        n_classes = len(evaluation.class_names)
+        eval_x = F.normalize(_features(loaded, evaluation), dim=-1).numpy()
+        accuracies = []
+        for seed in recipe.probe_seeds:
+            rng = numpy_rng(seed)
+            support = np.concatenate([rng.choice(np.flatnonzero(train.labels == c),
+                                                 recipe.probe_shots, replace=False)
+                                      for c in range(n_classes)])
+            val = np.concatenate([rng.choice(np.flatnonzero(evaluation.labels == c),
+                                             min(recipe.probe_shots, 4), replace=False)
+                                  for c in range(n_classes)])
+            x = F.normalize(_features(loaded, train, support), dim=-1).numpy()
+            model, _, _ = fit_linear_probe(x, train.labels[support], eval_x[val],
+                                           evaluation.labels[val], n_classes, probe.c_grid,
+                                           probe.max_iter, seed)
+            predicted = probe_probabilities(model, eval_x, n_classes).argmax(1)
+            accuracies.append(float((predicted == evaluation.labels).mean()))
+        results[source.name] = {"split": settings["split"], "shots": recipe.probe_shots,
+                                "seeds": list(recipe.probe_seeds), "pool": int(pool.sum()),
+                                "accuracy": round(float(np.mean(accuracies)), 4),
+                                "by_seed": [round(a, 4) for a in accuracies]}
+        log.info("linear probe K=%d on %s (%s): %.1f %%", recipe.probe_shots, source.name,
+                 settings["split"], 100 * results[source.name]["accuracy"])
+    return results
+
+
+REGIME = {"above_chance": 0.10, "below_probe": 0.15}  # docs/miniature.md, protocol 2
+
+
+def regime(record: dict[str, Any]) -> dict[str, Any]:
+    """Protocol 2's regime on the validation figures: zero-shot at least 10 points above
+    chance and at least 15 below the probe at K = 16, per evaluated MedMNIST source."""
+    out = {}
+    for name, probe in record["probe_validation"].items():
+        zero = record["zero_shot_validation"][name]
+        above = zero["accuracy"] - zero["chance"]
+        below = probe["accuracy"] - zero["accuracy"]
+        out[name] = {"zero_shot_minus_chance": round(above, 4),
+                     "probe_minus_zero_shot": round(below, 4),
+                     "holds": bool(above >= REGIME["above_chance"]
+                                   and below >= REGIME["below_probe"])}
+    return out
