@@ -11,6 +11,7 @@ the same on every machine.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -184,3 +185,27 @@ def test_learning_rate_of_a_run_anneals_once_over_all_its_steps(toy, tmp_path, l
     one_cosine = [1e-4 + 0.5 * (0.01 - 1e-4) * (1 + math.cos(math.pi * t / (steps - 1)))
                   for t in range(steps)]
     assert lrs == pytest.approx(one_cosine, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_validation_accuracy_of_a_run_is_the_adapted_models_on_the_val_support_set(
+        toy, trained, method, tmp_path):
+    """train.json's val_accuracy (what `clipsvd select` chooses learning rates by) is the
+    accuracy of the adapted model on the split's validation support set, as evaluation
+    measures it when that set is its test set."""
+    root, cfg = toy
+    split = json.loads((root / "split.json").read_text())
+    as_test = {**split, "test": split["val"]}
+    (tmp_path / "val_as_test.json").write_text(json.dumps(as_test))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / layout.ADAPTER).write_bytes((trained[method] / layout.ADAPTER).read_bytes())
+    evaluate(cfg, "toy", method, tmp_path / "val_as_test.json", root / "store", run)
+    metrics = json.loads((run / layout.METRICS).read_text())
+    summary = json.loads((trained[method] / layout.TRAIN_SUMMARY).read_text())
+    assert summary["val_images"] == len(split["val"]) == 16
+    assert summary["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+    evaluate(cfg, "toy", "zero_shot", tmp_path / "val_as_test.json", root / "store",
+             tmp_path / "zero_shot", features_path=root / "features.npy")
+    unadapted = json.loads((tmp_path / "zero_shot" / layout.METRICS).read_text())
+    assert summary["val_accuracy"] > unadapted["accuracy"]

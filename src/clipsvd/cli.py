@@ -207,6 +207,12 @@ def cmd_pretrain(args) -> None:
              stop_after=args.stop_after)
 
 
+def cmd_select(args) -> None:
+    from .selection import select
+
+    select([Path(p) for p in args.runs], Path(args.out) if args.out else None)
+
+
 def cmd_vocabulary(args) -> None:
     from .pretrain import write_tokenizer
 
@@ -315,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log the report folder to MLflow")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders (each holding metrics.json, predictions.csv, run.json)")
+    p = sub.add_parser("select", help="choose each method's learning rate by validation "
+                       "accuracy over the runs of a grid (one study per rate)")
+    p.add_argument("runs", nargs="+", metavar="DIR",
+                   help="the grid studies' run folders (results/runs/<study>)")
+    p.add_argument("--out", metavar="MD", help="also write the table to this Markdown file")
+    p.add_argument("--log", help="also write the log to this file")
+    p.set_defaults(func=cmd_select)
     # Not steps of a study: how the packaged miniature model was made (docs/miniature.md).
     p = sub.add_parser("pretrain", help="pretrain the miniature CLIP contrastively from a recipe")
     p.add_argument("--recipe", required=True,

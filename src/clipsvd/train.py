@@ -91,6 +91,23 @@ def class_logits(scale: torch.Tensor, image_features: torch.Tensor,
         return scale.float() * image_features.float() @ text_features.float().t()
 
 
+@torch.no_grad()
+def validation_accuracy(model, prompts, store: PreparedStore, split: dict[str, Any], templates,
+                        scale: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        device: torch.device) -> float | None:
+    """Accuracy of the adapted model on the split's validation support set (None without one)."""
+    if not split["val"]:
+        return None
+    images, labels = split_images(store, split, "val")
+    text = encode_class_prompts(prompts, split["classes"], templates, device)
+    correct = 0
+    for start in range(0, len(labels), 256):
+        batch = (to_device(images[start:start + 256], device).float() / 255 - mean) / std
+        predicted = class_logits(scale, encode_images(model, batch), text).argmax(1).cpu()
+        correct += int((predicted == labels[start:start + 256]).sum())
+    return correct / len(labels)
+
+
 def tokens_moved_once(loaded: LoadedModel, device: torch.device) -> LoadedModel:
     """``loaded`` whose tokenizer hands out each prompt list's tokens already on ``device``.
 
@@ -232,6 +249,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     seconds = time.perf_counter() - started
     timing.record("training", seconds)
     model.eval()
+    val_accuracy = validation_accuracy(model, prompts, store, split, dataset_cfg.templates, scale,
+                                       mean, std, device)
 
     summary = {
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,
@@ -246,6 +265,9 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
         "trainable_parameters": n_trainable, "model_parameters": n_model,
         "trainable_fraction": n_trainable / n_model, "model_fingerprint": loaded.fingerprint,
         "lr": lr, "final_loss": history[-1]["loss"] if history else None,
+        # on the split's validation support set: what a learning rate is chosen by (the test
+        # set is never looked at; docs/miniature.md)
+        "val_accuracy": val_accuracy, "val_images": len(split["val"]),
         "config": {"model": asdict(cfg.model), method: asdict(settings),
                    "templates": list(dataset_cfg.templates), "config_hash": cfg.fingerprint()},
     }
