@@ -76,8 +76,9 @@ def test_demo_data_needs_an_out_dir_without_a_config(capsys):
     assert "give --out DIR" in capsys.readouterr().err
 
 
-# Commands that make the package's pretrained model, not a study's runs: no study config.
-MODEL_COMMANDS = {"pretrain": "--recipe", "vocabulary": "--out"}
+# Commands that take no study config: those that make the package's pretrained model, and
+# select, which reads finished runs' directories.
+NO_STUDY_COMMANDS = {"pretrain": "--recipe", "vocabulary": "--out", "select": "--out"}
 
 
 def test_help_runs_for_every_subcommand():
@@ -85,7 +86,7 @@ def test_help_runs_for_every_subcommand():
         result = subprocess.run([sys.executable, "-m", "clipsvd", name, "--help"],
                                 capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, name
-        assert MODEL_COMMANDS.get(name, "--config") in result.stdout, name
+        assert NO_STUDY_COMMANDS.get(name, "--config") in result.stdout, name
 
 
 def test_a_jobs_log_ends_with_its_wall_time_and_the_compute_it_did(tmp_path, run_cli):

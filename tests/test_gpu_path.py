@@ -121,8 +121,10 @@ def test_training_loss_is_float32_from_float32_features_under_bf16(toy, tmp_path
     cfg = config.from_dict(study(toy, clip_svd={"precision": "bf16"}))
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     scale = loaded.model.logit_scale.detach().exp()
-    adapt(cfg, "toy", "clip_svd", toy / "split1.json", toy / "store", tmp_path / "run")
-    assert seen["logits"] and len(seen["logits"]) == len(seen["images"])
+    summary = adapt(cfg, "toy", "clip_svd", toy / "split1.json", toy / "store", tmp_path / "run")
+    # the training steps, then one pass over the validation support set (no loss there)
+    steps = summary["total_steps"]
+    assert len(seen["logits"]) == steps and len(seen["images"]) == len(seen["text"]) == steps + 1
     assert any(i.dtype == torch.bfloat16 for i in seen["images"])  # autocast was on
     for feats, texts, logits in zip(seen["images"], seen["text"], seen["logits"]):
         assert logits.dtype == torch.float32
@@ -342,8 +344,9 @@ def test_the_training_loop_reads_the_device_only_at_reports(toy, tmp_path, monke
     monkeypatch.undo()
     reports = len(re.findall(r"step \d+/120 loss", caplog.text))
     assert summary["total_steps"] == 120 and 2 <= reports < 60
-    # per report: the finite check, the loss and the accuracy read; then the history, twice
-    assert len(reads) == 3 * reports + 2, (reports, reads)
+    # per report: the finite check, the loss and the accuracy read; then the history, twice,
+    # and the validation support set's count of correct predictions, once
+    assert len(reads) == 3 * reports + 3, (reports, reads)
     assert tokenized == [4]  # once: the 4 classes' prompts
 
 

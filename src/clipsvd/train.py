@@ -95,17 +95,21 @@ def class_logits(scale: torch.Tensor, image_features: torch.Tensor,
 def validation_accuracy(model, prompts, store: PreparedStore, split: dict[str, Any], templates,
                         scale: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                         device: torch.device) -> float | None:
-    """Accuracy of the adapted model on the split's validation support set (None without one)."""
+    """Accuracy of the adapted model on the split's validation support set (None without one).
+
+    The count stays on the device and is read once, after the last batch.
+    """
     if not split["val"]:
         return None
     images, labels = split_images(store, split, "val")
+    labels = to_device(labels, device)
     text = encode_class_prompts(prompts, split["classes"], templates, device)
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(labels), 256):
         batch = (to_device(images[start:start + 256], device).float() / 255 - mean) / std
-        predicted = class_logits(scale, encode_images(model, batch), text).argmax(1).cpu()
-        correct += int((predicted == labels[start:start + 256]).sum())
-    return correct / len(labels)
+        predicted = class_logits(scale, encode_images(model, batch), text).argmax(1)
+        correct += (predicted == labels[start:start + 256]).sum()
+    return int(correct) / len(labels)
 
 
 def tokens_moved_once(loaded: LoadedModel, device: torch.device) -> LoadedModel:
