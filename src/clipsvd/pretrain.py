@@ -715,6 +715,32 @@ def _git_state() -> dict[str, Any]:
             "git_dirty": str(state.get("git_dirty", "unknown")).lower()}
 
 
+def cpu_identity() -> str:
+    """The CPU's model, family, stepping and cache size, and a digest of its instruction-set
+    flags (the kernels' choice of code path and blocking depends on them).
+
+    torch's capability name is too coarse for bit-identical runs: two machines it both calls
+    AVX512 gave different weights from the second step of the same recipe and code.
+    """
+    import hashlib
+    import platform
+
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                found.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = found.get("model name") or platform.processor() or platform.machine()
+    flags = " ".join(sorted((found.get("flags") or found.get("Features") or "").split()))
+    kind = ", ".join(f"{key} {found[key]}" for key in ("cpu family", "model", "stepping",
+                                                         "cache size") if key in found)
+    return (f"{model}{f' ({kind})' if kind else ''}; "
+            f"flags {hashlib.sha256(flags.encode()).hexdigest()[:12]}")
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -837,7 +863,7 @@ def _pretrain(recipe_path: str | Path, data_dir: str | Path | None, out_path: st
         "inputs_md5": json.dumps(inputs, sort_keys=True),
         "steps_done": str(steps), "steps_total": str(recipe.steps),
         "threads": str(recipe.threads),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_identity(),
         "versions": json.dumps(_versions(), sort_keys=True),
         "check_fingerprints": json.dumps(check_fingerprints, sort_keys=True),
         "fingerprint": fingerprint, **code}
