@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 from clipsvd import config
+from clipsvd.data.sampling import base_novel_labels
+from clipsvd.data.sources import medmnist_labels
+from clipsvd.pretrain import load_recipe
 from conftest import workflow_env
 from test_studies import job_stats
 
@@ -25,8 +28,8 @@ needs_medmnist = pytest.mark.skipif(not (MEDMNIST / "retinamnist.npz").is_file()
 
 def test_miniature_study_follows_the_protocol_of_the_issue():
     """3 seeds, K ∈ {1, 2, 4, 8, 16}, every method; few-shot on all three datasets,
-    base-to-novel on the two whose concepts pretraining saw; the shipped model; no training
-    crop mirrored on the dataset with left and right organs."""
+    base-to-novel on BloodMNIST and OrganAMNIST, whose novel classes pretraining never saw; the
+    shipped model; no training crop mirrored on the dataset with left and right organs."""
     cfg = config.load(STUDY)
     assert cfg.seeds == (1, 2, 3) and cfg.shots == (1, 2, 4, 8, 16)
     assert set(cfg.methods) == set(config.METHODS)
@@ -38,10 +41,19 @@ def test_miniature_study_follows_the_protocol_of_the_issue():
     for method in config.ADAPTER_METHODS:
         assert cfg.training(method, "organamnist").flip is False
         assert cfg.training(method, "bloodmnist").flip is True
-    recipe = yaml.safe_load((ROOT / "src/clipsvd/pretrained/mini-clip-medmnist.yaml").read_text())
-    pretrained_on = {s.get("medmnist") for s in recipe["sources"]}
-    assert "retinamnist" not in pretrained_on  # the unseen modality stays unseen
-    assert {s["split"] for s in recipe["sources"] if s.get("medmnist")} == {"train"}
+    # protocol 2 (docs/miniature.md): every dataset leaves out what the model read; pretraining
+    # reads part of each train split, and of a base-to-novel dataset only the base classes
+    assert {d.exclude_pretrained_on for d in cfg.datasets} == {"mini-clip/medmnist"}
+    recipe = load_recipe(ROOT / "src/clipsvd/pretrained/mini-clip-medmnist.yaml")
+    sources = {s.medmnist: s for s in recipe.sources if s.medmnist}
+    assert set(sources) == {d.medmnist.flag for d in cfg.datasets}
+    assert {(s.split, s.share < 1) for s in sources.values()} == {("train", True)}
+    for dataset in cfg.datasets:
+        labels = medmnist_labels(dataset.medmnist.flag)
+        if "base_to_novel" in cfg.settings_of(dataset.name):
+            base, _ = base_novel_labels(len(labels))
+            assert sources[dataset.medmnist.flag].classes == tuple(labels[i] for i in base)
+    assert cfg.dataset("retinamnist").class_names["2"] == "moderate diabetic retinopathy"
 
 
 @needs_medmnist
@@ -102,6 +114,9 @@ def test_slice_of_the_miniature_study_runs_on_medmnist(tmp_path):
     (provenance,) = (tmp_path / "results/prepared/retinamnist").glob("*/provenance.json")
     store = json.loads(provenance.read_text())  # the one store, under its key
     assert store["image_size"] == 28 and store["splits"]["test"]["images"] == 400
+    # the support pool: the train images the model was not pretrained on (protocol 2)
+    assert store["excluded_pretraining_images"]["train_images_dropped"] == 540
+    assert store["splits"]["train"]["images"] == 1080 - 540
 
 
 def _study(**dataset_keys):
