@@ -310,3 +310,32 @@ def test_head_ranking_of_a_real_adaptation_is_the_models_own():
     order = sorted(measured, key=lambda key: -measured[key])
     assert [(r.layer, r.head) for r in heads.itertuples()] == order
     assert heads["ov_change"].iloc[0] >= 1.2 * heads["ov_change"].iloc[-1]
+
+
+def test_heatmap_cells_print_readably_at_page_width(tmp_path, monkeypatch):
+    """The layers × matrices heatmap fits a printed page's width at its own size, its cell
+    labels are 9 pt and plain decimals (a change of 160 % ± 50 reads `160` / `±50`, not
+    `1.6e+02` / `±5e+01`). Caught when tried: the `.2g` labels, and panels side by side 15 in
+    wide (labels ~4 pt once the figure is scaled to a page)."""
+    from matplotlib import pyplot as plt
+
+    from clipsvd.interpret import figures
+
+    rows = [{"encoder": encoder, "matrix": matrix, "layer": layer,
+             "rel_change": 1.6 if (layer, matrix) == (0, "q") else 0.0123 * (layer + 1),
+             "rel_change_std": 0.5 if (layer, matrix) == (0, "q") else 0.004}
+            for encoder in ("vision", "text") for matrix in figures.MATRICES
+            for layer in range(4)]
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    path = figures.matrix_heatmap(pd.DataFrame(rows), {"vision": 4, "text": 4},
+                                  tmp_path / "m.png", spread="rel_change_std")
+    assert path.stat().st_size > 0
+    (fig,) = shown
+    assert fig.get_size_inches()[0] <= 7.0
+    cells = [t for ax in fig.axes for t in ax.texts]
+    assert len(cells) == 2 * 6 * 4
+    assert all(t.get_fontsize() >= 9 for t in cells)
+    labels = {t.get_text() for t in cells}
+    assert "160\n±50" in labels and "1.2\n±0.40" in labels
+    assert not any("e+" in label or "e-" in label for label in labels)

@@ -34,14 +34,39 @@ def _grid(table: pd.DataFrame, value: str, columns: list, column: str, depth: in
     return grid
 
 
+# The cell labels' size in points at the figure's own size, which fits a printed page's width
+# (PAGE_WIDTH inches) without scaling: panels are stacked, not put side by side.
+CELL_FONT_SIZE = 9
+PAGE_WIDTH = 7.0
+
+
+def cell_label(value: float, spread: float | None = None) -> str:
+    """A heatmap cell's text: plain decimals with two significant digits (no scientific
+    notation below 10⁴), and the spread on a second line in the same style."""
+    def plain(v: float) -> str:
+        if v == 0 or not np.isfinite(v):
+            return f"{v:.0f}"
+        if abs(v) >= 1e4:
+            return f"{v:.1e}"
+        digits = max(0, 1 - int(np.floor(np.log10(abs(v)))))
+        return f"{v:.{digits}f}"
+
+    text = plain(value)
+    if spread is not None and np.isfinite(spread):
+        text += f"\n±{plain(spread)}"
+    return text
+
+
 def _panels(plt, grids: list[tuple[str, np.ndarray, list[str]]], title: str, colorbar: str,
             xlabel: str, path: Path, spread: list[np.ndarray | None] | None = None) -> None:
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
-    width = sum(max(3.2, 0.9 * len(labels) + 2.2) for _, _, labels in grids)
-    height = max(3.8, 0.42 * max(g.shape[0] for _, g, _ in grids) + 2.2)
-    fig, axes = plt.subplots(1, len(grids), figsize=(min(width, 20), height), squeeze=False)
+    columns = max(len(labels) for _, _, labels in grids)
+    width = min(PAGE_WIDTH, max(3.6, 0.8 * columns + 2.2))
+    heights = [max(2.4, 0.45 * g.shape[0] + 1.3) for _, g, _ in grids]
+    fig, axes = plt.subplots(len(grids), 1, figsize=(width, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for i, (encoder, grid, labels) in enumerate(grids):
-        ax = axes[0][i]
+        ax = axes[i][0]
         finite = grid[np.isfinite(grid)]
         vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=vmax,
@@ -56,17 +81,16 @@ def _panels(plt, grids: list[tuple[str, np.ndarray, list[str]]], title: str, col
         if grid.size <= 160:
             for (r, c), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    text = f"{v:.2g}"
-                    if spread is not None and spread[i] is not None and np.isfinite(spread[i][r, c]):
-                        text += f"\n±{spread[i][r, c]:.1g}"
-                    ax.text(c, r, text, ha="center", va="center", fontsize=8,
+                    text = cell_label(v, None if spread is None or spread[i] is None
+                                      else spread[i][r, c])
+                    ax.text(c, r, text, ha="center", va="center", fontsize=CELL_FONT_SIZE,
                             color="white" if v < 0.6 * vmax else "black")
         bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         bar.set_label(colorbar)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=200, format="png")
     plt.close(fig)
 
 
