@@ -59,14 +59,19 @@ RENAMED = ColumnsConfig(path="filepath", label="diagnosis")
 
 
 def test_manifest_headers_are_named_in_the_config(tmp_path):
-    """Catches: a manifest whose headers differ cannot be read without editing the file."""
+    """Catches: a manifest whose headers differ cannot be read without editing the file; each
+    header missing is a line of one error."""
     root = leaky_manifest(tmp_path / "m")
     assert_prepare_fails_cleanly(csv_dataset(root), tmp_path,
                                  "manifest.csv: needs a 'path' column (has: filepath, diagnosis, "
                                  "patient_id); rename the header that holds the image paths, "
-                                 "or name it in the dataset's columns.path")
+                                 "or name it in the dataset's columns.path",
+                                 "manifest.csv: needs a 'label' column (has: filepath, diagnosis, "
+                                 "patient_id); rename the header that holds the class names or "
+                                 "ids, or name it in the dataset's columns.label")
     assert_prepare_fails_cleanly(csv_dataset(root, ColumnsConfig(path="file")), tmp_path,
-                                 "has no column 'file' (columns.path")
+                                 "has no column 'file' (columns.path",
+                                 "needs a 'label' column")
 
 
 def test_declared_patient_column_keeps_every_patient_in_one_split(tmp_path):

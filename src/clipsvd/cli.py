@@ -64,7 +64,7 @@ def _config(args):
 
 
 def cmd_validate(args) -> None:
-    from .errors import ConfigError, ModelError
+    from .errors import ConfigError, DataError, ModelError
     from .models import check_model_request
 
     cfg = _config(args)
@@ -74,7 +74,20 @@ def cmd_validate(args) -> None:
         about_weights = "pretrained" in str(exc) or "checkpoint" in str(exc)
         key = "model.pretrained" if about_weights else "model.name"
         raise ConfigError(f"{args.config}: key '{key}': {exc}") from None
-    print(f"{args.config}: valid study '{cfg.study}' (config hash {cfg.fingerprint()})")
+    from .data.sources import declaration_problems
+
+    problems = []
+    for dataset in cfg.datasets:
+        if dataset.demo is not None and not Path(dataset.root).expanduser().is_dir():
+            continue  # the workflow's demo_data job makes it
+        problems += declaration_problems(dataset)
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{args.config}: {len(problems)} problems in the datasets' "
+                        "declarations, one a line:\n" + "\n".join(problems))
+    print(f"{args.config}: valid study '{cfg.study}' (config hash {cfg.fingerprint()}); "
+          f"the datasets' declarations match their files")
 
 
 def cmd_demo_data(args) -> None:

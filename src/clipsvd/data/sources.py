@@ -118,23 +118,36 @@ def _collapse_series(files: list[Path], class_dir: Path) -> list[Path]:
     return sorted(kept + sorted(series))
 
 
-def _read_folder(root: Path) -> pd.DataFrame:
-    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                        key=lambda p: p.name)
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _class_images(class_dir: Path):
+    return (p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p)
+            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+
+
+def _folder_problems(root: Path) -> list[str]:
+    class_dirs = _class_dirs(root)
     if not class_dirs:
-        raise DataError(f"{root}: no class folders found; format 'folder' expects "
-                        "<root>/<class name>/<images>")
+        return [f"{root}: no class folders found; format 'folder' expects "
+                "<root>/<class name>/<images>"]
+    return [f"{class_dir}: class folder '{class_dir.name}' holds no images (looked for "
+            f"{', '.join(IMAGE_SUFFIXES)}); add images or remove it"
+            for class_dir in class_dirs if next(_class_images(class_dir), None) is None]
+
+
+def _read_folder(root: Path) -> pd.DataFrame:
+    problems = _folder_problems(root)
+    if problems:
+        raise DataError("\n".join(problems))
+    class_dirs = _class_dirs(root)
     names = [p.name for p in class_dirs]
     _check_unique(names, str(root))
     rows = []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*")
-                       if p.is_file() and is_image_file(p)
-                       and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
-        if not files:
-            raise DataError(f"{class_dir}: class folder '{class_dir.name}' holds no images "
-                            f"(looked for {', '.join(IMAGE_SUFFIXES)}); add images or remove it")
-        files = _collapse_series(files, class_dir)
+        files = _collapse_series(sorted(_class_images(class_dir)), class_dir)
         for path in files:
             rows.append({"source_path": str(path), "label": label, "class_name": class_dir.name,
                          "split": "", "group": ""})
@@ -182,32 +195,53 @@ def _labels_from_column(frame: pd.DataFrame, manifest: Path) -> tuple[list[int],
     return [position[name] for name in raw], classes
 
 
-def _map_columns(frame: pd.DataFrame, columns: ColumnsConfig, manifest: Path) -> pd.DataFrame:
-    """Rename the manifest's headers to path, label, split, group, class_name as configured."""
+def _column_problems(headers: list[str], columns: ColumnsConfig, manifest: Path) -> list[str]:
+    """Every mismatch between a manifest's header and the dataset's ``columns``, one line each."""
     defaults = ColumnsConfig()
-    renames = {}
+    has = ", ".join(headers)
+    problems = []
     for field in ("path", "label", "split", "group", "class_name"):
         header = getattr(columns, field)
         declared = header != getattr(defaults, field)
-        if header not in frame.columns:
+        if header not in headers:
             if declared:
-                raise DataError(f"{manifest}: has no column {header!r} (columns.{field}; has: "
-                                f"{', '.join(frame.columns)}); fix the dataset's columns.{field}")
-            if field in ("path", "label"):
+                problems.append(f"{manifest}: has no column {header!r} (columns.{field}; has: "
+                                f"{has}); fix the dataset's columns.{field}")
+            elif field in ("path", "label"):
                 what = "image paths" if field == "path" else "class names or ids"
-                raise DataError(f"{manifest}: needs a '{field}' column (has: "
-                                f"{', '.join(frame.columns)}); rename the header that holds the "
-                                f"{what}, or name it in the dataset's columns.{field}")
-            continue
-        if declared and field in frame.columns:
-            raise DataError(f"{manifest}: has a column '{field}' besides {header!r} "
+                problems.append(f"{manifest}: needs a '{field}' column (has: {has}); rename the "
+                                f"header that holds the {what}, or name it in the dataset's "
+                                f"columns.{field}")
+        elif declared and field in headers:
+            problems.append(f"{manifest}: has a column '{field}' besides {header!r} "
                             f"(columns.{field}); rename or remove one of them")
-        renames[header] = field
+    return problems
+
+
+def _map_columns(frame: pd.DataFrame, columns: ColumnsConfig, manifest: Path) -> pd.DataFrame:
+    """Rename the manifest's headers to path, label, split, group, class_name as configured."""
+    problems = _column_problems(list(frame.columns), columns, manifest)
+    if problems:
+        raise DataError("\n".join(problems))
+    renames = {getattr(columns, field): field
+               for field in ("path", "label", "split", "group", "class_name")
+               if getattr(columns, field) in frame.columns}
     return frame.rename(columns=renames)
 
 
-def _read_csv(root: Path, manifest_name: str | None,
-              columns: ColumnsConfig = ColumnsConfig()) -> pd.DataFrame:
+def _read_manifest(manifest: Path, **options) -> pd.DataFrame:
+    try:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark, not part of the header
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                            **options)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{manifest}: not a readable CSV file ({reason}); fix the file") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _manifest_path(root: Path, manifest_name: str | None) -> Path:
     if not manifest_name:
         raise DataError(f"{root}: format 'csv' needs a manifest file name; set the dataset's "
                         "'manifest' key")
@@ -215,13 +249,52 @@ def _read_csv(root: Path, manifest_name: str | None,
     if not manifest.is_file():
         raise DataError(f"{manifest}: manifest file not found; create it or fix the dataset's "
                         "'manifest' key")
+    return manifest
+
+
+def _root_of(dataset: DatasetConfig) -> Path:
+    root = Path(dataset.root).expanduser()
+    if not root.is_dir():
+        hint = " (run `clipsvd demo-data` first)" if dataset.demo is not None else ""
+        raise DataError(f"{root}: dataset '{dataset.name}' root folder not found{hint}; "
+                        "check the dataset's 'root' key")
+    return root.resolve()
+
+
+def declaration_problems(dataset: DatasetConfig) -> list[str]:
+    """Every problem of the dataset's declaration that shows without reading an image (its
+    root, the manifest's header against ``columns``, the class folders, the MedMNIST file, the
+    split file), one line each, so a user fixes them in one go rather than one per run."""
     try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark, not part of the header
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        reason = " ".join(str(exc).split())
-        raise DataError(f"{manifest}: not a readable CSV file ({reason}); fix the file") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
+        root = _root_of(dataset)
+        if dataset.format == "csv":
+            manifest = _manifest_path(root, dataset.manifest)
+            headers = list(_read_manifest(manifest, nrows=0).columns)
+            return _column_problems(headers, dataset.columns, manifest)
+        if dataset.format == "folder":
+            return _folder_problems(root)
+        if dataset.format == "medmnist" and dataset.medmnist is not None:
+            _medmnist_path(root, dataset.medmnist.flag, dataset.medmnist.size)
+        elif dataset.format == "coop_json":
+            _find_split_file(root, dataset.split_file)
+            if dataset.image_dir and not (root / dataset.image_dir).is_dir():
+                return [f"{root / dataset.image_dir}: image folder not found; fix the dataset's "
+                        f"'image_dir' key (relative to {root})"]
+    except DataError as exc:
+        return str(exc).splitlines()
+    return []
+
+
+def check_declaration(dataset: DatasetConfig) -> None:
+    problems = declaration_problems(dataset)
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def _read_csv(root: Path, manifest_name: str | None,
+              columns: ColumnsConfig = ColumnsConfig()) -> pd.DataFrame:
+    manifest = _manifest_path(root, manifest_name)
+    frame = _read_manifest(manifest)
     frame = _map_columns(frame, columns, manifest)
     if frame.empty:
         raise DataError(f"{manifest}: the manifest lists no images; add rows path,label")
@@ -288,9 +361,10 @@ def medmnist_labels(flag: str) -> list[str]:
     return list(info[flag]["labels"])
 
 
-def _read_medmnist(root: Path, flag: str, size: int) -> pd.DataFrame:
-    info = _medmnist_info().get(flag)
-    classes = medmnist_labels(flag)
+def _medmnist_path(root: Path, flag: str, size: int) -> Path:
+    """The dataset's MedMNIST file, checked to be there and usable."""
+    medmnist_labels(flag)  # an unknown flag stops here
+    info = _medmnist_info()[flag]
     path = medmnist_file(root, flag, size)
     if int(size) not in MEDMNIST_SIZES:
         raise DataError(f"{path}: medmnist.size {size} is not a MedMNIST size; use one of "
@@ -302,7 +376,13 @@ def _read_medmnist(root: Path, flag: str, size: int) -> pd.DataFrame:
         sizes = ", ".join(map(str, info["sizes"]))
         raise DataError(f"{path}: MedMNIST file not found; put {path.name} (from the MedMNIST "
                         f"release, sizes {sizes} for {flag}) in {root}, or fix medmnist.size")
-    volumes = bool(info["volumes"])
+    return path
+
+
+def _read_medmnist(root: Path, flag: str, size: int) -> pd.DataFrame:
+    path = _medmnist_path(root, flag, size)
+    classes = medmnist_labels(flag)
+    volumes = bool(_medmnist_info()[flag]["volumes"])
     frames = []
     with NpzFile(path) as npz:
         for split in SPLITS:
@@ -461,12 +541,8 @@ def read_source(dataset: DatasetConfig) -> pd.DataFrame:
     Groups are resolved here (data.groups); when clipsvd is to assign the split, a dataset
     whose ids look present but are not declared stops here too.
     """
-    root = Path(dataset.root).expanduser()
-    if not root.is_dir():
-        hint = " (run `clipsvd demo-data` first)" if dataset.demo is not None else ""
-        raise DataError(f"{root}: dataset '{dataset.name}' root folder not found{hint}; "
-                        "check the dataset's 'root' key")
-    root = root.resolve()
+    check_declaration(dataset)
+    root = _root_of(dataset)
     where = str(root)
     if dataset.format == "folder":
         table = _read_folder(root)
