@@ -1,6 +1,7 @@
 """The default study through snakemake, end to end, in a temporary directory."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,24 @@ def snakemake(workdir, *args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+COMPUTE_RULES = {"prepare", "features", "adapt", "evaluate", "interpret"}
+
+
+def most_compute_jobs_at_once(log: str) -> int:
+    """The most jobs of the compute rules running at the same time, from snakemake's output
+    (a job starts at its `rule X:` block's `jobid:` line and ends at `Finished jobid: N`)."""
+    running, most, rule = set(), 0, None
+    for line in log.splitlines():
+        if found := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = found.group(1)
+        elif (found := re.match(r"\s+jobid: (\d+)$", line)) and rule in COMPUTE_RULES:
+            running.add(found.group(1))
+            most = max(most, len(running))
+        elif found := re.match(r"Finished jobid: (\d+)", line):
+            running.discard(found.group(1))
+    return most
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +217,9 @@ def test_catalog_test_directory_dry_runs():
 def test_template_study_runs_as_its_comment_says(tmp_path):
     """config/studies/template.yaml on the data its comment makes (`clipsvd demo-data --out
     data/my_scans`): the full study plans as shipped; it runs (scale cut to one K and one seed
-    with --config to keep the suite short; every other line as shipped), and
-    `snakemake --report` builds its report with the same --configfile."""
+    with --config to keep the suite short; every other line as shipped) two jobs at once on
+    2 cores, and `snakemake --report` builds its report with the same --configfile. Caught
+    when tried: the template without `threads:` (the schema's 2 threads a job: one at a time)."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     make = subprocess.run([sys.executable, "-m", "clipsvd", "demo-data", "--out",
                            str(tmp_path / "data" / "my_scans")], capture_output=True, text=True)
@@ -207,7 +227,8 @@ def test_template_study_runs_as_its_comment_says(tmp_path):
     template = ["--configfile", "config/studies/template.yaml"]
     planned = snakemake(tmp_path, "-n", *template)
     assert "my_study" in planned.stdout + planned.stderr
-    snakemake(tmp_path, *template, "--config", "shots=[1]", "seeds=[1]")
+    run = snakemake(tmp_path, *template, "--config", "shots=[1]", "seeds=[1]")
+    assert most_compute_jobs_at_once(run.stdout + run.stderr) == 2  # --cores 2, 1 thread a job
     report = tmp_path / "results" / "report" / "my_study"
     table = pd.read_csv(report / "accuracy.csv")
     assert set(table.method) == {"zero_shot", "linear_probe", "clip_lora", "comp_lora",
