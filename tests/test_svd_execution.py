@@ -85,8 +85,11 @@ def test_every_execution_gives_the_reference_outputs_and_gradients(name):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
         assert grads.keys() == ref_grads.keys()
         for key in grads:
-            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-3, atol=1e-6,
-                                       msg=f"{mode} gradient of {key}")
+            # float32 sums in another order: an element near zero may differ by a few ulps of
+            # the tensor's largest terms (3e-6 of 2.1 seen on an AMX CPU), so atol grows with them
+            atol = max(1e-6, 1e-5 * float(ref_grads[key].abs().max()))
+            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-3, atol=atol,
+                                       msg=lambda m, key=key: f"{mode} gradient of {key}: {m}")
 
 
 def test_which_layers_can_choose():
