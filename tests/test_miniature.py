@@ -60,8 +60,9 @@ def test_miniature_study_follows_the_protocol_of_the_issue():
 @pytest.mark.slow
 def test_miniature_study_expands_to_its_documented_jobs(tmp_path):
     """`snakemake -n` on the whole study: 5 (dataset, setting) pairs × 15 (K, seed) runs; the
-    linear probe in few-shot only, RetinaMNIST in few-shot only (docs/miniature.md: 663 jobs).
-    Caught when tried: the probe kept in base-to-novel's job list gave 305 evaluations."""
+    linear probe and LP++ in few-shot only, RetinaMNIST in few-shot only (docs/miniature.md:
+    933 jobs). Caught when tried: the probe kept in base-to-novel's job list gave 305
+    evaluations of the five methods of protocol 2."""
     cfg = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
     for dataset in cfg["datasets"]:
         dataset["root"] = str(MEDMNIST)
@@ -76,10 +77,10 @@ def test_miniature_study_expands_to_its_documented_jobs(tmp_path):
     runs = 5 * 3
     assert job_stats(output) == {
         "prepare": 3, "features": 3, "sample": 5 * (runs + 1), "adapt": 5 * 3 * runs,
-        "evaluate": 3 * (1 + 4 * runs) + 2 * (1 + 3 * runs), "interpret": 5 * runs,
+        "evaluate": 3 * (1 + 8 * runs) + 2 * (1 + 6 * runs), "interpret": 5 * runs,
         "report": 1, "all": 1}
-    assert sum(job_stats(output).values()) == 663
-    assert "linear_probe/base_to_novel" not in output
+    assert sum(job_stats(output).values()) == 933
+    assert "linear_probe/base_to_novel" not in output and "lp_pp/base_to_novel" not in output
     assert "retinamnist/zero_shot/base_to_novel" not in output
 
 
@@ -105,7 +106,7 @@ def test_slice_of_the_miniature_study_runs_on_medmnist(tmp_path):
         (m, k) for m in config.METHODS if m != "zero_shot" for k in (1, 2)}
     runs = tmp_path / "results/runs/miniature_slice/retinamnist"
     split_hashes = set()
-    for method in ("linear_probe", "clip_lora", "comp_lora", "clip_svd"):
+    for method in set(config.METHODS) - {"zero_shot"}:
         record = json.loads((runs / method / "few_shot/shots2/seed1/run.json").read_text())
         split_hashes.add(record["provenance"]["split_sha256"])
         metrics = json.loads((runs / method / "few_shot/shots2/seed1/metrics.json").read_text())

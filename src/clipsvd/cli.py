@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import timing
-from .config import ADAPTER_METHODS, METHODS, DemoConfig
+from .config import ADAPTER_METHODS, FEATURE_METHODS, METHODS, DemoConfig
 from .errors import ClipsvdError
 
 log = logging.getLogger("clipsvd")
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the method of the run (adapter methods read the run folder's "
                         "adapter.safetensors)")
     p.add_argument("--features", metavar="NPY",
-                   help="frozen image features of the store (zero_shot, linear_probe)")
+                   help="frozen image features of the store (the methods fitted on them: "
+                        f"{', '.join(FEATURE_METHODS)})")
     add("interpret", cmd_interpret, "which singular values of a CLIP-SVD run moved, and what "
         "its most changed heads mean in words", run_step=True)
     add("sync", cmd_sync, "log every run folder of the study that MLflow lacks")

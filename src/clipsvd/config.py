@@ -19,9 +19,14 @@ import yaml
 from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
-METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd")
+METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
+           "tip_adapter_f", "lp_pp", "clip_adapter")
 ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd")  # methods that train with an adapter
-FEATURE_METHODS = ("zero_shot", "linear_probe")  # methods that use frozen image features
+# Methods that use frozen image features (the store's, computed once; clipsvd.feature_adapters).
+FEATURE_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "lp_pp",
+                   "clip_adapter")
+# Methods with weights only for the classes they were trained on: no score for novel classes.
+CLOSED_SET_METHODS = ("linear_probe", "lp_pp")
 SETTINGS = ("few_shot", "base_to_novel")
 DEFAULT_EPOCHS = 50
 
@@ -158,6 +163,46 @@ class LinearProbeConfig:
     max_iter: int = 1000
 
 
+@dataclass(frozen=True)
+class TipAdapterConfig:
+    """Tip-Adapter's published biomedical search (BiomedCoOp's config): β and α each over
+    ``search_step`` values from 0.1 up to ``search_scale``, on the validation support set."""
+    init_alpha: float = 1.0
+    init_beta: float = 1.0
+    search_scale: tuple[float, float] = (50.0, 50.0)  # β, α
+    search_step: tuple[int, int] = (200, 200)  # β, α
+
+
+@dataclass(frozen=True)
+class TipAdapterFConfig(TipAdapterConfig):
+    lr: float = 0.001
+    eps: float = 1e-4
+    weight_decay: float = 0.01  # torch's AdamW default, which the published code leaves as is
+    epochs: int = 20
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class LPPlusPlusConfig:
+    epochs: int = 300
+    alpha_every: int = 10
+    alpha_init_factor: float = 250.0
+    momentum: float = 0.9
+
+
+@dataclass(frozen=True)
+class ClipAdapterConfig:
+    reduction: int = 4
+    ratio: float = 0.2
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 20
+    batch_size: int = 32
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+
+
 METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
                   "comp_lora": CompLoRAMethodConfig}
 
@@ -178,10 +223,10 @@ class TrackingConfig:
 
 
 def runs_in(method: str, setting: str) -> bool:
-    """Whether ``method`` can be scored in ``setting``: the linear probe has weights only for
-    the classes it was trained on, so it has no score for novel classes and sits out
-    base-to-novel (as in the paper's base-to-novel tables)."""
-    return not (method == "linear_probe" and setting == "base_to_novel")
+    """Whether ``method`` can be scored in ``setting``: the linear probe and LP++ have weights
+    only for the classes they were trained on, so they have no score for novel classes and sit
+    out base-to-novel (as in the paper's base-to-novel tables)."""
+    return not (method in CLOSED_SET_METHODS and setting == "base_to_novel")
 
 
 @dataclass(frozen=True)
@@ -197,6 +242,10 @@ class StudyConfig:
     clip_lora: LoRAMethodConfig
     comp_lora: CompLoRAMethodConfig
     linear_probe: LinearProbeConfig
+    tip_adapter: TipAdapterConfig
+    tip_adapter_f: TipAdapterFConfig
+    lp_pp: LPPlusPlusConfig
+    clip_adapter: ClipAdapterConfig
     interpret: InterpretConfig
     tracking: TrackingConfig
     device: str = "auto"
@@ -401,11 +450,12 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             if template.count("{}") != 1:
                 raise ConfigError(f"{source}: key 'datasets.{i}.templates.{j}': a template needs "
                                   f"exactly one '{{}}' where the class name goes, got {template!r}")
-    if "linear_probe" in data["methods"] and "few_shot" not in data["settings"]:
-        raise ConfigError(f"{source}: key 'methods': linear_probe has weights only for the classes "
-                          "it was trained on, so it runs in few_shot only and this study has no "
-                          "few_shot setting; remove linear_probe from methods or add few_shot to "
-                          "settings")
+    for method in CLOSED_SET_METHODS:
+        if method in data["methods"] and "few_shot" not in data["settings"]:
+            raise ConfigError(f"{source}: key 'methods': {method} has weights only for the "
+                              "classes it was trained on, so it runs in few_shot only and this "
+                              f"study has no few_shot setting; remove {method} from methods or "
+                              "add few_shot to settings")
     run = {s for d in data["datasets"] for s in (d.get("settings") or data["settings"])}
     for setting in data["settings"]:
         if setting not in run:
@@ -455,6 +505,10 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         clip_lora=_build(LoRAMethodConfig, data["clip_lora"]),
         comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
+        tip_adapter=_build(TipAdapterConfig, data["tip_adapter"]),
+        tip_adapter_f=_build(TipAdapterFConfig, data["tip_adapter_f"]),
+        lp_pp=_build(LPPlusPlusConfig, data["lp_pp"]),
+        clip_adapter=_build(ClipAdapterConfig, data["clip_adapter"]),
         interpret=_build(InterpretConfig, data["interpret"]),
         tracking=_build(TrackingConfig, data["tracking"]),
         device=data["device"],

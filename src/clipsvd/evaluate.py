@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import feature_adapters as fa
 from . import layout, timing
-from .config import ADAPTER_METHODS, StudyConfig, runs_in
+from .config import ADAPTER_METHODS, FEATURE_METHODS, StudyConfig, runs_in
 from .data.store import PreparedStore, split_summary
 from .errors import ConfigError
 from .devices import (batch_size_on_oom, claimed_gpu_slot, model_to_device, resolve_device,
@@ -104,6 +105,27 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
             x = _feature_rows(features, store, split[key])
             return torch.from_numpy(probe_probabilities(model, x, len(class_names)))
         return probe, contextlib.nullcontext()
+    if method in fa.METHODS:
+        features = np.load(features_path, mmap_mode="r")
+
+        def rows(key):
+            return fa.as_tensor(_feature_rows(features, store, split[key]))
+
+        def text(class_names):
+            with torch.no_grad():
+                return encode_class_prompts(loaded, class_names, templates, device).float().cpu()
+        labels = {key: split_images(store, split, key, with_images=False)[1]
+                  for key in ("train", "val")}
+        fitted = fa.fit(method, getattr(cfg, method), rows("train"), labels["train"],
+                        rows("val"), labels["val"], text, list(split["classes"]),
+                        float(scale), int(split["seed"]))
+        fitted.save(run_dir / layout.FEATURE_ADAPTER)
+        chosen.update(fitted.chosen)
+
+        def feature_side(key, class_names):
+            with torch.no_grad():
+                return fitted.logits(rows(key), list(class_names)).softmax(dim=1)
+        return feature_side, contextlib.nullcontext()
     adapter = attach_adapter(method, loaded.model, cfg.training(method, dataset))
     adapter.load(adapter_path or run_dir / layout.ADAPTER)
     model_to_device(loaded.model, device).eval()
@@ -124,6 +146,9 @@ def evaluate(cfg: StudyConfig, dataset: str, method: str, split_path: Path, stor
         raise ConfigError(f"{split_path}: {method} does not run in the {split['setting']} "
                           f"setting (it has weights only for the classes it was trained on); "
                           f"evaluate it on a few_shot split")
+    if method in FEATURE_METHODS and features_path is None:
+        raise ConfigError(f"{method} is fitted on the store's frozen image features: give "
+                          "--features NPY (made by 'clipsvd features')")
     device = device or resolve_device(cfg.device)
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
@@ -232,6 +257,8 @@ def run_params(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any
         used = summary.get("config", {}).get(method) or asdict(cfg.training(method, dataset))
         params.update({k: used[k] for k in SHARED_SETTINGS if k in used})
         params.update({k: summary[k] for k in TRAINING_FACTS if k in summary})
+    elif method in fa.METHODS:
+        params.update(asdict(getattr(cfg, method)))
     params.update(chosen)
     return {key: param_value(value) for key, value in params.items()}
 

@@ -34,6 +34,7 @@ MLFLOW_ARTIFACTS = RESULTS + "/mlartifacts"
 # Files inside a run folder.
 ADAPTER = "adapter.safetensors"
 PROBE = "probe.safetensors"  # the linear probe's weights
+FEATURE_ADAPTER = "feature_adapter.safetensors"  # what a feature-side baseline fitted
 TRAIN_SUMMARY = "train.json"
 TRAIN_HISTORY = "train_history.csv"
 METRICS = "metrics.json"

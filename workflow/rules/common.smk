@@ -77,14 +77,16 @@ def training_hash(wildcards):
 
 
 def evaluation_hash(wildcards):
-    """The model, prompts and (for the linear probe) its settings decide an evaluation."""
+    """The model, prompts and (for a method fitted on frozen features) its settings decide an
+    evaluation."""
     d = STUDY.dataset(wildcards.dataset)
-    probe = (
-        asdict(STUDY.linear_probe)
-        if wildcards.get("method") == "linear_probe"
+    method = wildcards.get("method")
+    fitted = (
+        asdict(getattr(STUDY, method))
+        if method in FEATURE_METHODS and method != "zero_shot"
         else None
     )
-    return _hash([asdict(STUDY.model), d.templates, probe, STUDY.eval_batch_size])
+    return _hash([asdict(STUDY.model), d.templates, fitted, STUDY.eval_batch_size])
 
 
 # --- what the shared steps are keyed by (see clipsvd.layout) ------------------------------
