@@ -144,6 +144,19 @@ def test_base_to_novel_table(tmp_path):
     assert table.loc[("a", "zero_shot", 0)].n_seeds == 1
 
 
+def test_base_to_novel_table_says_tip_adapters_score_novel_classes_as_zero_shot():
+    from clipsvd.report.tables import base_to_novel
+
+    def rows(methods):
+        return pd.DataFrame([{"dataset": "a", "method": m, "shots": 4, "base_mean": 0.8,
+                              "base_std": 0.01, "novel_mean": 0.4, "novel_std": 0.02, "hm": 0.53,
+                              "n_seeds": 3, "n_datasets": np.nan} for m in methods])
+    note = base_to_novel(rows(["clip_svd", "tip_adapter", "tip_adapter_f"])).note
+    assert ("Tip-Adapter and Tip-Adapter-F: the cache holds base classes only, so novel classes "
+            "are scored with zero-shot's logits") in note
+    assert "Tip-Adapter" not in base_to_novel(rows(["clip_svd", "clip_adapter"])).note
+
+
 # --- statistics ------------------------------------------------------------------------------
 
 def test_paired_comparison_matches_runs(tmp_path):

@@ -239,10 +239,18 @@ def base_to_novel(table: pd.DataFrame) -> Table:
         values.append([float("nan")] * 3 + [r.base_mean, r.novel_mean, r.hm])
         groups.append(r.dataset)
     bold = _bold_best(rows, values, lambda i: groups[i])
+    note = ("HM is the harmonic mean of the mean base and mean novel accuracy (as in "
+            "CoOp/CoCoOp/CLIP-SVD). " + AVERAGE_NOTE + " Best per dataset in bold.")
+    cached = [method_label(m) for m in CACHE_ONLY_BASE if m in set(table.method)]
+    if cached:
+        note += (f" {' and '.join(cached)}: the cache holds base classes only, so novel classes "
+                 "are scored with zero-shot's logits (their Novel is zero-shot's).")
     return Table("Base-to-novel: base and novel test accuracy (%, mean ± std over seeds) and "
-                 "their harmonic mean (HM)", header, rows, bold,
-                 note="HM is the harmonic mean of the mean base and mean novel accuracy (as in "
-                      "CoOp/CoCoOp/CLIP-SVD). " + AVERAGE_NOTE + " Best per dataset in bold.")
+                 "their harmonic mean (HM)", header, rows, bold, note=note)
+
+
+# Methods whose novel-class logits in base-to-novel are zero-shot's (clipsvd.feature_adapters).
+CACHE_ONLY_BASE = ("tip_adapter", "tip_adapter_f")
 
 
 def comparison(table: pd.DataFrame) -> Table:
