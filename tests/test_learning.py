@@ -29,7 +29,7 @@ from clipsvd.evaluate import evaluate
 from clipsvd.features import compute_features
 from clipsvd.train import adapt
 
-ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora")
+ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune")
 SHOTS = 4
 Z = 3.0  # one-sided normal quantile of p ≈ 0.0013, for both margins below
 
@@ -44,6 +44,7 @@ def study(root) -> dict:
             "clip_svd": {"lr": 0.01, "epochs": 40},
             "clip_lora": {"lr": 0.02, "epochs": 40},
             "comp_lora": {"lr": 0.02, "epochs": 40, "protect_energy": 0.9},
+            "full_finetune": {"lr": 1e-3, "epochs": 40},
             "tracking": {"enabled": False}}
 
 

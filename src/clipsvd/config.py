@@ -20,8 +20,9 @@ from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
 METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
-           "tip_adapter_f", "lp_pp", "clip_adapter")
-ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd")  # methods that train with an adapter
+           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune")
+# Methods that train with an adapter (full_finetune: every weight, the ablations' reference).
+ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune")
 # Methods that use frozen image features (the store's, computed once; clipsvd.feature_adapters).
 FEATURE_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "lp_pp",
                    "clip_adapter")
@@ -203,8 +204,14 @@ class ClipAdapterConfig:
     warmup_lr: float = 1e-5
 
 
+@dataclass(frozen=True)
+class FullFinetuneMethodConfig(TrainingConfig):
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+
+
 METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
-                  "comp_lora": CompLoRAMethodConfig}
+                  "comp_lora": CompLoRAMethodConfig, "full_finetune": FullFinetuneMethodConfig}
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,7 @@ class StudyConfig:
     clip_svd: ClipSvdConfig
     clip_lora: LoRAMethodConfig
     comp_lora: CompLoRAMethodConfig
+    full_finetune: FullFinetuneMethodConfig
     linear_probe: LinearProbeConfig
     tip_adapter: TipAdapterConfig
     tip_adapter_f: TipAdapterFConfig
@@ -504,6 +512,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         clip_svd=_build(ClipSvdConfig, data["clip_svd"]),
         clip_lora=_build(LoRAMethodConfig, data["clip_lora"]),
         comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
+        full_finetune=_build(FullFinetuneMethodConfig, data["full_finetune"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
         tip_adapter=_build(TipAdapterConfig, data["tip_adapter"]),
         tip_adapter_f=_build(TipAdapterFConfig, data["tip_adapter_f"]),

@@ -13,13 +13,15 @@ from torch import nn
 from ..errors import ModelError
 from .base import Adapter, count_parameters, freeze, has_adapter
 from .comp_lora import CompLoRAAdapter, CompLoRAConfig, protected_rank
+from .full import FullFinetuneAdapter, FullFinetuneConfig
 from .lora import LoRAAdapter, LoRAConfig
 from .svd import SVDAdapter, SVDConfig, TargetSelection
 
 ADAPTERS: dict[str, type[Adapter]] = {"clip_svd": SVDAdapter, "clip_lora": LoRAAdapter,
-                                      "comp_lora": CompLoRAAdapter}
-CONFIGS: dict[str, type[TargetSelection]] = {"clip_svd": SVDConfig, "clip_lora": LoRAConfig,
-                                             "comp_lora": CompLoRAConfig}
+                                      "comp_lora": CompLoRAAdapter,
+                                      "full_finetune": FullFinetuneAdapter}
+CONFIGS: dict[str, Any] = {"clip_svd": SVDConfig, "clip_lora": LoRAConfig,
+                           "comp_lora": CompLoRAConfig, "full_finetune": FullFinetuneConfig}
 
 
 def config_for(method: str, options: Mapping[str, Any] | Any = None) -> TargetSelection:
