@@ -29,7 +29,7 @@ from clipsvd.evaluate import evaluate
 from clipsvd.features import compute_features
 from clipsvd.train import adapt
 
-ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune")
+ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop")
 SHOTS = 4
 Z = 3.0  # one-sided normal quantile of p ≈ 0.0013, for both margins below
 
@@ -45,6 +45,9 @@ def study(root) -> dict:
             "clip_lora": {"lr": 0.02, "epochs": 40},
             "comp_lora": {"lr": 0.02, "epochs": 40, "protect_energy": 0.9},
             "full_finetune": {"lr": 1e-3, "epochs": 40},
+            # AdamW here, so the flipped-gradient break below reaches it too (its recipe's SGD
+            # and warm-up: test_prompt_learning.py)
+            "coop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0},
             "tracking": {"enabled": False}}
 
 

@@ -20,9 +20,10 @@ from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
 METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
-           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune")
-# Methods that train with an adapter (full_finetune: every weight, the ablations' reference).
-ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune")
+           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop")
+# Methods that train with an adapter (full_finetune: every weight, the ablations' reference;
+# coop: context vectors in the prompts).
+ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop")
 # Methods that use frozen image features (the store's, computed once; clipsvd.feature_adapters).
 FEATURE_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "lp_pp",
                    "clip_adapter")
@@ -210,8 +211,23 @@ class FullFinetuneMethodConfig(TrainingConfig):
     weight_decay: float = 0.01
 
 
+@dataclass(frozen=True)
+class CoOpMethodConfig(TrainingConfig):
+    """CoOp's published biomedical recipe (BiomedCoOp's configs; Dassl's SGD defaults)."""
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    lr: float = 0.002
+    weight_decay: float = 5e-4
+    epochs: int | None = 100
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+
+
 METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
-                  "comp_lora": CompLoRAMethodConfig, "full_finetune": FullFinetuneMethodConfig}
+                  "comp_lora": CompLoRAMethodConfig, "full_finetune": FullFinetuneMethodConfig,
+                  "coop": CoOpMethodConfig}
 
 
 @dataclass(frozen=True)
@@ -249,6 +265,7 @@ class StudyConfig:
     clip_lora: LoRAMethodConfig
     comp_lora: CompLoRAMethodConfig
     full_finetune: FullFinetuneMethodConfig
+    coop: CoOpMethodConfig
     linear_probe: LinearProbeConfig
     tip_adapter: TipAdapterConfig
     tip_adapter_f: TipAdapterFConfig
@@ -471,6 +488,11 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             raise ConfigError(f"{source}: key 'settings': no dataset runs '{setting}' (every "
                               "dataset's settings leave it out); remove it here or add it to "
                               "a dataset's settings")
+    coop = data["coop"]
+    if len(coop["ctx_init"].split()) != coop["n_ctx"]:
+        raise ConfigError(f"{source}: key 'coop.n_ctx': {coop['n_ctx']} context vectors, but "
+                          f"ctx_init {coop['ctx_init']!r} has {len(coop['ctx_init'].split())} "
+                          "words (one vector each); make them agree")
     for method, cls in METHOD_CONFIGS.items():
         given = raw.get(method) or {}
         section = data[method]
@@ -513,6 +535,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         clip_lora=_build(LoRAMethodConfig, data["clip_lora"]),
         comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
         full_finetune=_build(FullFinetuneMethodConfig, data["full_finetune"]),
+        coop=_build(CoOpMethodConfig, data["coop"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
         tip_adapter=_build(TipAdapterConfig, data["tip_adapter"]),
         tip_adapter_f=_build(TipAdapterFConfig, data["tip_adapter_f"]),

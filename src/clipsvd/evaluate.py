@@ -126,13 +126,15 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
             with torch.no_grad():
                 return fitted.logits(rows(key), list(class_names)).softmax(dim=1)
         return feature_side, contextlib.nullcontext()
-    adapter = attach_adapter(method, loaded.model, cfg.training(method, dataset))
+    adapter = attach_adapter(method, loaded.model, cfg.training(method, dataset),
+                             tokenizer=loaded.tokenizer)
     adapter.load(adapter_path or run_dir / layout.ADAPTER)
     model_to_device(loaded.model, device).eval()
+    prompts = adapter.prompt_templates(templates)
 
     def adapted(key, class_names):
         images, _ = split_images(store, split, key)
-        return predict(loaded, images, class_names, templates, scale, device, cfg.eval_batch_size)
+        return predict(loaded, images, class_names, prompts, scale, device, cfg.eval_batch_size)
     return adapted, adapter.cached()
 
 
@@ -248,7 +250,8 @@ def run_params(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any
         "shots": int(split["shots"]),
         "seed": None if zero_shot else int(split["seed"]),  # zero-shot has no randomness
         "model": cfg.model.name, "pretrained": cfg.model.pretrained,
-        "logit_scale": cfg.model.logit_scale, "templates": list(cfg.dataset(dataset).templates),
+        "logit_scale": cfg.model.logit_scale, "templates": list(summary.get("config", {}).get("templates")
+                                                   or cfg.dataset(dataset).templates),
         "support_size": len(split["train"]), "val_size": len(split["val"]),
         "test_size": len(split["test"]) + len(split.get("test_novel", [])),
         "classes": len(split["classes"]) + len(split.get("novel_classes", [])),

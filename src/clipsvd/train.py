@@ -63,12 +63,33 @@ def total_steps(settings: TrainingConfig, n_support: int, shots: int) -> int:
     return settings.epochs * math.ceil(n_support / settings.batch_size)
 
 
-def attach_adapter(method: str, model: torch.nn.Module, settings: TrainingConfig) -> Adapter:
-    """Attach the method's adapter, configured from the study's settings of that method."""
+def attach_adapter(method: str, model: torch.nn.Module, settings: TrainingConfig,
+                   tokenizer=None) -> Adapter:
+    """Attach the method's adapter, configured from the study's settings of that method (a
+    prompt learner also reads the model's tokenizer)."""
     if method not in ADAPTERS:
         raise ConfigError(f"method '{method}' has no adapter; adapter methods are "
                           f"{', '.join(ADAPTER_METHODS)}")
-    return attach(method, model, settings)
+    return attach(method, model, settings, tokenizer=tokenizer)
+
+
+def schedule(settings: TrainingConfig, steps: int, steps_per_epoch: int) -> list[float]:
+    """The rate before each step: a constant warm-up of ``warmup_epochs`` epochs at
+    ``warmup_lr`` where the method's recipe has one (Dassl's, for CoOp), then one cosine from
+    lr to min_lr over the remaining steps."""
+    warmup = min(getattr(settings, "warmup_epochs", 0) * steps_per_epoch, max(steps - 1, 0))
+    rest = steps - warmup
+    warm = [settings.warmup_lr] * warmup if warmup else []
+    return warm + [cosine_lr(step, rest, settings.lr, settings.min_lr) for step in range(rest)]
+
+
+def make_optimizer(settings: TrainingConfig, parameters) -> torch.optim.Optimizer:
+    """AdamW for the adapters; SGD with momentum where the method's recipe says so (CoOp)."""
+    if getattr(settings, "optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(parameters, lr=settings.lr, betas=(0.9, 0.999),
+                             weight_decay=settings.weight_decay)
 
 
 def cosine_lr(step: int, steps: int, base_lr: float, min_lr: float) -> float:
@@ -150,7 +171,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     store = PreparedStore.open(store_dir)
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     model = loaded.model
-    adapter = attach_adapter(method, model, settings)
+    adapter = attach_adapter(method, model, settings, tokenizer=loaded.tokenizer)
+    templates = adapter.prompt_templates(dataset_cfg.templates)
     model_to_device(model, device)
     n_model = adapter.base_num_parameters
     n_trainable = adapter.num_trainable()
@@ -176,8 +198,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
     lr = settings.lr
     steps = total_steps(settings, len(labels), shots)
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, betas=(0.9, 0.999),
-                                  weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(settings, adapter.trainable_parameters())
     amp_dtype = autocast_dtype(settings.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     scale = logit_scale_value(loaded, cfg.model.logit_scale).to(device)
@@ -191,7 +212,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     # non-finite loss) at each progress report, at least every 10 s, and at the end.
     losses = torch.zeros(steps, device=device)
     accuracies = torch.zeros(steps, device=device)
-    learning_rates = [cosine_lr(step, steps, lr, settings.min_lr) for step in range(steps)]
+    learning_rates = schedule(settings, steps, math.ceil(len(labels) / settings.batch_size))
     order = torch.empty(0, dtype=torch.long)
     # Time spent building batches (crop boxes, resampling, flip, normalise); on a GPU the
     # kernels are queued asynchronously, so their device time counts in the step instead.
@@ -227,8 +248,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                 group["lr"] = learning_rates[step]
             with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                   enabled=amp_dtype is not None):
-                text = encode_class_prompts(prompts, split["classes"], dataset_cfg.templates,
-                                            device)
+                text = encode_class_prompts(prompts, split["classes"], templates, device)
                 feats = encode_images(model, batch)
                 logits = class_logits(scale, feats, text)
                 loss = F.cross_entropy(logits, target)
@@ -253,8 +273,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     seconds = time.perf_counter() - started
     timing.record("training", seconds)
     model.eval()
-    val_accuracy = validation_accuracy(model, prompts, store, split, dataset_cfg.templates, scale,
-                                       mean, std, device)
+    val_accuracy = validation_accuracy(model, prompts, store, split, templates, scale, mean, std,
+                                       device)
 
     summary = {
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,
@@ -273,7 +293,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
         # set is never looked at; docs/miniature.md)
         "val_accuracy": val_accuracy, "val_images": len(split["val"]),
         "config": {"model": asdict(cfg.model), method: asdict(settings),
-                   "templates": list(dataset_cfg.templates), "config_hash": cfg.fingerprint()},
+                   "templates": list(templates), "config_hash": cfg.fingerprint()},
     }
     if device.type == "cuda":
         summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

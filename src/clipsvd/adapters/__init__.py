@@ -15,13 +15,17 @@ from .base import Adapter, count_parameters, freeze, has_adapter
 from .comp_lora import CompLoRAAdapter, CompLoRAConfig, protected_rank
 from .full import FullFinetuneAdapter, FullFinetuneConfig
 from .lora import LoRAAdapter, LoRAConfig
+from .prompt import CoOpAdapter, CoOpConfig
 from .svd import SVDAdapter, SVDConfig, TargetSelection
 
 ADAPTERS: dict[str, type[Adapter]] = {"clip_svd": SVDAdapter, "clip_lora": LoRAAdapter,
                                       "comp_lora": CompLoRAAdapter,
-                                      "full_finetune": FullFinetuneAdapter}
+                                      "full_finetune": FullFinetuneAdapter, "coop": CoOpAdapter}
 CONFIGS: dict[str, Any] = {"clip_svd": SVDConfig, "clip_lora": LoRAConfig,
-                           "comp_lora": CompLoRAConfig, "full_finetune": FullFinetuneConfig}
+                           "comp_lora": CompLoRAConfig, "full_finetune": FullFinetuneConfig,
+                           "coop": CoOpConfig}
+# Adapters that put context into the prompts: they need the model's tokenizer to attach.
+PROMPT_LEARNERS = ("coop",)
 
 
 def config_for(method: str, options: Mapping[str, Any] | Any = None) -> TargetSelection:
@@ -38,11 +42,16 @@ def config_for(method: str, options: Mapping[str, Any] | Any = None) -> TargetSe
     return config_class.from_dict({k: v for k, v in dict(options or {}).items() if k in names})
 
 
-def attach(method: str, model: nn.Module, options: Mapping[str, Any] | Any = None) -> Adapter:
-    """Attach ``method``'s adapter to ``model`` (in place), configured from ``options``."""
+def attach(method: str, model: nn.Module, options: Mapping[str, Any] | Any = None,
+           tokenizer=None) -> Adapter:
+    """Attach ``method``'s adapter to ``model`` (in place), configured from ``options``; a
+    prompt learner also needs the model's ``tokenizer``."""
+    if method in PROMPT_LEARNERS:
+        return ADAPTERS[method].attach(model, config_for(method, options), tokenizer=tokenizer)
     return ADAPTERS[method].attach(model, config_for(method, options))
 
 
-__all__ = ["ADAPTERS", "CONFIGS", "Adapter", "CompLoRAAdapter", "CompLoRAConfig", "LoRAAdapter",
+__all__ = ["ADAPTERS", "CONFIGS", "PROMPT_LEARNERS", "Adapter", "CoOpAdapter", "CoOpConfig",
+           "CompLoRAAdapter", "CompLoRAConfig", "LoRAAdapter",
            "LoRAConfig", "SVDAdapter", "SVDConfig", "TargetSelection", "attach", "config_for",
            "count_parameters", "freeze", "has_adapter", "protected_rank"]

@@ -61,6 +61,11 @@ class Adapter(ABC):
         computed once and reused; adapters without such weights need nothing."""
         return contextlib.nullcontext()
 
+    def prompt_templates(self, templates) -> tuple[str, ...]:
+        """The prompts the adapted model is scored with: the dataset's templates, except for
+        a prompt learner, whose own prompt replaces them."""
+        return tuple(templates)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable().values())
 

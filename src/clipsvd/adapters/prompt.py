@@ -1,0 +1,159 @@
+"""CoOp: learned context vectors in place of the words of a hand-written prompt.
+
+The prompt of class c is ``"<ctx_init> <c>."`` ("a photo of a neutrophil."); the token
+embeddings of ctx_init's words are replaced, in every prompt of that form, by ``n_ctx`` trained
+vectors shared by all classes (CoOp's unified context, class token at the end). The
+replacement happens at the output of the text tower's word-embedding table, through a forward
+hook, so one mechanism serves every tower clipsvd loads:
+
+- OpenAI-style open_clip text transformers (``token_embedding``, then the positional
+  embedding, the causal mask and end-of-text pooling, unchanged);
+- BiomedCLIP's Hugging Face BERT tower (``text.transformer.embeddings.word_embeddings``: BERT
+  adds its own position and token-type embeddings to what the hook returns, and pools [CLS],
+  exactly as when context vectors are given to it as ``inputs_embeds``);
+- mini-clip (an open_clip text transformer with its own word-level tokenizer).
+
+Only rows whose tokens at the context positions are ctx_init's are changed, so any other text
+the model encodes (interpretation's descriptions, say) is untouched. Initialised from ctx_init's
+own embeddings, the adapted model's text features equal the plain model's for the same
+prompts, bit for bit (tests/test_prompt_learning.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .base import Adapter, count_parameters, freeze
+
+CONTEXT = "clipsvd_context"  # the context vectors' name on the word-embedding module
+# Where open_clip models keep their text tower's word embeddings, in the order tried.
+WORD_EMBEDDINGS = ("token_embedding", "text.token_embedding",
+                   "text.transformer.embeddings.word_embeddings")
+
+
+def word_embeddings(model: nn.Module) -> tuple[str, nn.Embedding]:
+    for path in WORD_EMBEDDINGS:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Embedding):
+            return path, module
+    raise ModelError(f"{type(model).__name__} has no text word-embedding table at "
+                     f"{', '.join(WORD_EMBEDDINGS)}; CoOp needs one to put its context in")
+
+
+def context_tokens(tokenizer: Callable[[list[str]], torch.Tensor], ctx_init: str
+                   ) -> tuple[int, torch.Tensor]:
+    """(position of the first context token, ctx_init's token ids) in a tokenised prompt:
+    what the tokenizer puts before a text (a start token, or nothing) is read off the empty
+    text's tokens."""
+    def ids(text: str) -> torch.Tensor:
+        row = tokenizer([text])[0]
+        return row[row != 0]  # every tokenizer here pads with 0
+    empty, full = ids(""), ids(ctx_init)
+    prefix = 1 if len(empty) >= 2 else 0  # [start, end] around nothing
+    n = len(full) - len(empty)
+    if n <= 0:
+        raise ModelError(f"ctx_init {ctx_init!r} has no tokens; give the words the context "
+                         "starts from, e.g. 'a photo of a'")
+    return prefix, full[prefix:prefix + n].clone()
+
+
+@dataclass
+class CoOpConfig:
+    label: ClassVar[str] = "CoOp"
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | "CoOpConfig" | None) -> "CoOpConfig":
+        if isinstance(data, cls):
+            return data
+        data = dict(data or {})
+        extra = sorted(set(data) - {"n_ctx", "ctx_init"})
+        if extra:
+            raise ModelError(f"unknown {cls.label} option(s) {extra}; known: ['ctx_init', "
+                             "'n_ctx']")
+        return cls(**data)
+
+    def template(self) -> str:
+        return f"{self.ctx_init} {{}}."
+
+
+class CoOpAdapter(Adapter):
+    """The context vectors (n_ctx × the text tower's width, float32) are all that trains."""
+
+    kind = "coop"
+
+    def __init__(self, model: nn.Module, config: CoOpConfig, start: int,
+                 ids: torch.Tensor, embedding_path: str, handle, base_fingerprint: str,
+                 base_num_parameters: int):
+        self.model = model
+        self.config = config
+        self.start = start
+        self.ids = ids
+        self.embedding_path = embedding_path
+        self.handle = handle
+        self.base_fingerprint = base_fingerprint
+        self.base_num_parameters = base_num_parameters
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: Any = None,
+               tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> "CoOpAdapter":
+        from ..models import model_fingerprint
+
+        config = CoOpConfig.from_dict(config)
+        if tokenizer is None:
+            raise ModelError("CoOp needs the model's tokenizer to find its context words")
+        if getattr(model, "_clipsvd_prompt_adapter", False):
+            raise ModelError("this model already has an adapter attached; load a fresh model "
+                             "before attaching another")
+        start, ids = context_tokens(tokenizer, config.ctx_init)
+        if len(ids) != config.n_ctx:
+            raise ModelError(f"CoOp n_ctx is {config.n_ctx} but ctx_init {config.ctx_init!r} "
+                             f"is {len(ids)} tokens; set n_ctx to {len(ids)} or change ctx_init")
+        path, embedding = word_embeddings(model)
+        base_fingerprint = model_fingerprint(model)
+        base_count = count_parameters(model)
+        freeze(model)
+        ctx = nn.Parameter(embedding.weight.detach()[ids.to(embedding.weight.device)]
+                           .float().clone())
+        # Registered on the embedding table, so it moves with the model to its device.
+        embedding.register_parameter(CONTEXT, ctx)
+        adapter = cls(model, config, start, ids, path, None, base_fingerprint, base_count)
+        adapter.handle = embedding.register_forward_hook(adapter._inject)
+        model._clipsvd_prompt_adapter = True
+        return adapter
+
+    def _inject(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        (tokens,) = inputs
+        span = slice(self.start, self.start + len(self.ids))
+        if tokens.shape[1] < span.stop:
+            return output
+        rows = (tokens[:, span] == self.ids.to(tokens.device)).all(dim=1)
+        if not bool(rows.any()):
+            return output
+        placed = torch.zeros_like(output[:1])
+        placed[:, span] = getattr(module, CONTEXT).to(output.dtype)
+        where = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
+        where[:, span] = rows.unsqueeze(1)
+        return torch.where(where.unsqueeze(-1), placed, output)
+
+    def prompt_templates(self, templates) -> tuple[str, ...]:
+        return (self.config.template(),)
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return {"ctx": self.model.get_submodule(self.embedding_path).get_parameter(CONTEXT)}
+
+    def describe(self) -> list[dict[str, Any]]:
+        ctx = self.named_trainable()["ctx"]
+        return [{"encoder": "text", "layer": None, "matrix": f"{self.embedding_path} (context)",
+                 "shape": list(ctx.shape), "trained": ctx.numel()}]
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"n_ctx": self.config.n_ctx, "ctx_init": self.config.ctx_init}
