@@ -247,8 +247,14 @@ def test_run_params_share_names_across_methods():
         if method == "zero_shot":
             assert params["seed"] == "none" and params["shots"] == "0"
         if method in config.ADAPTER_METHODS:
-            assert {"lr", "epochs", "batch_size", "matrices", "total_steps"} <= set(params)
-            assert params["lr"] == str(cfg.training(method, "demo_scans").lr)
+            settings = cfg.training(method, "demo_scans")
+            assert {"lr", "epochs", "batch_size", "total_steps"} <= set(params)
+            assert params["lr"] == str(settings.lr)
+            assert hasattr(settings, "matrices") == ("matrices" in params)
+        if method == "coop":
+            assert params["n_ctx"] == "4" and params["optimizer"] == "sgd"
+        if method == "tip_adapter_f":
+            assert {"search_scale", "search_step", "lr", "epochs"} <= set(params)
         if method == "linear_probe":
             assert params["C"] == "0.1" and params["c_grid"] == "[0.1, 1.0]"
         assert not [k for k in params if "." in k]

@@ -225,7 +225,8 @@ def run_record(cfg: StudyConfig, dataset: str, method: str, split: dict[str, Any
 SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "iterations_per_shot",
                    "min_lr", "encoders", "layers", "matrices", "crop_scale", "flip",
                    "precision", "execution", "rank", "alpha", "dropout", "protect_rank",
-                   "protect_energy")
+                   "protect_energy", "optimizer", "momentum", "warmup_epochs", "warmup_lr",
+                   "n_ctx", "ctx_init")
 TRAINING_FACTS = ("total_steps", "trainable_parameters", "trainable_fraction")
 
 
