@@ -235,7 +235,6 @@ METHODS = ("tip_adapter", "tip_adapter_f", "lp_pp", "clip_adapter")
 class Fitted:
     """A fitted feature-side method: logits for any class list, what it chose, its tensors."""
     method: str
-    base_classes: list[str]
     score: Any  # (features, class names) -> logits
     tensors: dict[str, torch.Tensor]
     chosen: dict[str, Any]
@@ -286,7 +285,7 @@ def fit(method: str, settings, train_x: torch.Tensor, train_y: torch.Tensor,
             if list(class_names) != base_classes:
                 return zero_shot
             return tip_logits(zero_shot, features, keys, values, alpha, beta)
-        return Fitted(method, base_classes, tip, {"keys": keys, "values": values}, chosen)
+        return Fitted(method, tip, {"keys": keys, "values": values}, chosen)
     if method == "lp_pp":
         model = fit_lp_pp(train_x, train_y, text, n_classes, settings)
         chosen.update(lp_lr_w=model.info["lr_w"], lp_lr_alpha=model.info["lr_alpha"],
@@ -296,7 +295,7 @@ def fit(method: str, settings, train_x: torch.Tensor, train_y: torch.Tensor,
             if list(class_names) != base_classes:
                 raise ValueError("LP++ has weights only for the classes it was trained on")
             return model.logits(features)
-        return Fitted(method, base_classes, lp, {"weight": model.weight, "bias": model.bias,
+        return Fitted(method, lp, {"weight": model.weight, "bias": model.bias,
                                                  "alpha": model.alpha}, chosen)
     if method == "clip_adapter":
         adapter, _ = fit_clip_adapter(train_x, train_y, text, scale, settings, seed)
@@ -304,6 +303,6 @@ def fit(method: str, settings, train_x: torch.Tensor, train_y: torch.Tensor,
         def clip_adapter(features, class_names):
             with torch.no_grad():
                 return zero_shot_logits(scale, adapter(features), text_of(class_names))
-        return Fitted(method, base_classes, clip_adapter,
+        return Fitted(method, clip_adapter,
                       {k: v.detach() for k, v in adapter.state_dict().items()}, chosen)
     raise ValueError(f"not a feature-side method: {method}")
