@@ -29,7 +29,7 @@ from clipsvd.evaluate import evaluate
 from clipsvd.features import compute_features
 from clipsvd.train import adapt
 
-ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop")
+ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop", "kgcoop")
 SHOTS = 4
 Z = 3.0  # one-sided normal quantile of p ≈ 0.0013, for both margins below
 
@@ -48,6 +48,8 @@ def study(root) -> dict:
             # AdamW here, so the flipped-gradient break below reaches it too (its recipe's SGD
             # and warm-up: test_prompt_learning.py)
             "coop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0},
+            "kgcoop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0,
+                       "batch_size": 32, "w": 0.1},
             "tracking": {"enabled": False}}
 
 

@@ -82,3 +82,29 @@ def test_the_published_recipe_is_the_default_sgd_with_a_warm_up_epoch():
                                                  "ctx_init 'a photo of a' has 4 words"):
         config.from_dict({"study": "s", "datasets": [{"name": "d", "format": "folder",
                                                       "root": "x"}], "coop": {"n_ctx": 3}})
+
+
+def test_kgcoop_term_is_its_distance_to_the_frozen_models_hand_written_prompts():
+    from clipsvd.adapters.prompt import knowledge_distance
+
+    a = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    b = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
+    assert float(knowledge_distance(a, b)) == pytest.approx(1 - (0.0 + 1.0) / 2)
+    plain = load_model("tiny-clip", None, 0)
+    freeze(plain.model)
+    loaded = load_model("tiny-clip", None, 0)
+    adapter = attach("kgcoop", loaded.model, {"w": 3.0}, tokenizer=loaded.tokenizer)
+    text = encode_class_prompts(loaded, CLASSES, adapter.prompt_templates([]))
+    assert float(adapter.extra_loss(loaded, CLASSES, text.detach())) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        ctx = adapter.named_trainable()["ctx"]
+        ctx.add_(torch.randn(ctx.shape, generator=torch.Generator().manual_seed(1)))
+    text = encode_class_prompts(loaded, CLASSES, adapter.prompt_templates([]))
+    with torch.no_grad():
+        frozen = encode_class_prompts(plain, CLASSES, ["a photo of a {}."])
+    direct = 3.0 * (1 - torch.nn.functional.cosine_similarity(text, frozen, dim=1).mean())
+    term = adapter.extra_loss(loaded, CLASSES, text)
+    value = float(term.detach())
+    assert value == pytest.approx(float(direct.detach()), rel=1e-5) and value > 1e-3
+    term.backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0

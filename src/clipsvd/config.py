@@ -20,10 +20,10 @@ from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
 METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
-           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop")
+           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop", "kgcoop")
 # Methods that train with an adapter (full_finetune: every weight, the ablations' reference;
-# coop: context vectors in the prompts).
-ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop")
+# coop, kgcoop: context vectors in the prompts).
+ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop", "kgcoop")
 # Methods that use frozen image features (the store's, computed once; clipsvd.feature_adapters).
 FEATURE_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "lp_pp",
                    "clip_adapter")
@@ -225,9 +225,18 @@ class CoOpMethodConfig(TrainingConfig):
     warmup_lr: float = 1e-5
 
 
+@dataclass(frozen=True)
+class KgCoOpMethodConfig(CoOpMethodConfig):
+    """KgCoOp's published recipe: CoOp's, batch 128, and the weight w of its distance to the
+    hand-written prompts (per dataset 1-10 in its few-shot configs; 8 in base-to-novel)."""
+    batch_size: int = 128
+    w: float = 8.0
+
+
 METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
                   "comp_lora": CompLoRAMethodConfig, "full_finetune": FullFinetuneMethodConfig,
-                  "coop": CoOpMethodConfig}
+                  "coop": CoOpMethodConfig, "kgcoop": KgCoOpMethodConfig}
+PROMPT_METHODS = ("coop", "kgcoop")
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ class StudyConfig:
     comp_lora: CompLoRAMethodConfig
     full_finetune: FullFinetuneMethodConfig
     coop: CoOpMethodConfig
+    kgcoop: KgCoOpMethodConfig
     linear_probe: LinearProbeConfig
     tip_adapter: TipAdapterConfig
     tip_adapter_f: TipAdapterFConfig
@@ -488,11 +498,13 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
             raise ConfigError(f"{source}: key 'settings': no dataset runs '{setting}' (every "
                               "dataset's settings leave it out); remove it here or add it to "
                               "a dataset's settings")
-    coop = data["coop"]
-    if len(coop["ctx_init"].split()) != coop["n_ctx"]:
-        raise ConfigError(f"{source}: key 'coop.n_ctx': {coop['n_ctx']} context vectors, but "
-                          f"ctx_init {coop['ctx_init']!r} has {len(coop['ctx_init'].split())} "
-                          "words (one vector each); make them agree")
+    for method in PROMPT_METHODS:
+        prompt = data[method]
+        if len(prompt["ctx_init"].split()) != prompt["n_ctx"]:
+            raise ConfigError(f"{source}: key '{method}.n_ctx': {prompt['n_ctx']} context "
+                              f"vectors, but ctx_init {prompt['ctx_init']!r} has "
+                              f"{len(prompt['ctx_init'].split())} words (one vector each); make "
+                              "them agree")
     for method, cls in METHOD_CONFIGS.items():
         given = raw.get(method) or {}
         section = data[method]
@@ -536,6 +548,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
         full_finetune=_build(FullFinetuneMethodConfig, data["full_finetune"]),
         coop=_build(CoOpMethodConfig, data["coop"]),
+        kgcoop=_build(KgCoOpMethodConfig, data["kgcoop"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
         tip_adapter=_build(TipAdapterConfig, data["tip_adapter"]),
         tip_adapter_f=_build(TipAdapterFConfig, data["tip_adapter_f"]),

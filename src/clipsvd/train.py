@@ -252,6 +252,9 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                 feats = encode_images(model, batch)
                 logits = class_logits(scale, feats, text)
                 loss = F.cross_entropy(logits, target)
+                extra = adapter.extra_loss(prompts, split["classes"], text)
+                if extra is not None:
+                    loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -66,6 +66,11 @@ class Adapter(ABC):
         a prompt learner, whose own prompt replaces them."""
         return tuple(templates)
 
+    def extra_loss(self, loaded, class_names, text: torch.Tensor) -> torch.Tensor | None:
+        """A term the method adds to the cross-entropy of a step, from the step's class text
+        features (KgCoOp's distance to the hand-written prompts); none for most methods."""
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable().values())
 

@@ -20,10 +20,12 @@ prompts, bit for bit (tests/test_prompt_learning.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
@@ -75,10 +77,10 @@ class CoOpConfig:
         if isinstance(data, cls):
             return data
         data = dict(data or {})
-        extra = sorted(set(data) - {"n_ctx", "ctx_init"})
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - known)
         if extra:
-            raise ModelError(f"unknown {cls.label} option(s) {extra}; known: ['ctx_init', "
-                             "'n_ctx']")
+            raise ModelError(f"unknown {cls.label} option(s) {extra}; known: {sorted(known)}")
         return cls(**data)
 
     def template(self) -> str:
@@ -89,6 +91,7 @@ class CoOpAdapter(Adapter):
     """The context vectors (n_ctx × the text tower's width, float32) are all that trains."""
 
     kind = "coop"
+    config_class: ClassVar[type[CoOpConfig]] = CoOpConfig
 
     def __init__(self, model: nn.Module, config: CoOpConfig, start: int,
                  ids: torch.Tensor, embedding_path: str, handle, base_fingerprint: str,
@@ -101,15 +104,26 @@ class CoOpAdapter(Adapter):
         self.handle = handle
         self.base_fingerprint = base_fingerprint
         self.base_num_parameters = base_num_parameters
+        self.injecting = True
+
+    @contextlib.contextmanager
+    def hand_written(self) -> Iterator[None]:
+        """The frozen model's own prompts: no context injected inside."""
+        self.injecting = False
+        try:
+            yield
+        finally:
+            self.injecting = True
 
     @classmethod
     def attach(cls, model: nn.Module, config: Any = None,
                tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> "CoOpAdapter":
         from ..models import model_fingerprint
 
-        config = CoOpConfig.from_dict(config)
+        config = cls.config_class.from_dict(config)
         if tokenizer is None:
-            raise ModelError("CoOp needs the model's tokenizer to find its context words")
+            raise ModelError(f"{config.label} needs the model's tokenizer to find its context "
+                             "words")
         if getattr(model, "_clipsvd_prompt_adapter", False):
             raise ModelError("this model already has an adapter attached; load a fresh model "
                              "before attaching another")
@@ -131,6 +145,8 @@ class CoOpAdapter(Adapter):
         return adapter
 
     def _inject(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self.injecting:
+            return output
         (tokens,) = inputs
         span = slice(self.start, self.start + len(self.ids))
         if tokens.shape[1] < span.stop:
@@ -156,4 +172,39 @@ class CoOpAdapter(Adapter):
                  "shape": list(ctx.shape), "trained": ctx.numel()}]
 
     def config_dict(self) -> dict[str, Any]:
-        return {"n_ctx": self.config.n_ctx, "ctx_init": self.config.ctx_init}
+        return {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+
+
+@dataclass
+class KgCoOpConfig(CoOpConfig):
+    label: ClassVar[str] = "KgCoOp"
+    w: float = 8.0
+
+
+def knowledge_distance(learned: torch.Tensor, hand_written: torch.Tensor) -> torch.Tensor:
+    """KgCoOp's term: 1 − the mean over classes of the cosine between the learned prompts'
+    text features and the hand-written prompts' (for unit vectors, half their mean squared
+    distance), as its public code computes it."""
+    return 1.0 - F.cosine_similarity(learned.float(), hand_written.float(), dim=1,
+                                     eps=1e-7).mean()
+
+
+class KgCoOpAdapter(CoOpAdapter):
+    """CoOp whose text features are held near the frozen model's for the hand-written
+    prompt "<ctx_init> <class>." (weight ``w``)."""
+
+    kind = "kgcoop"
+    config_class = KgCoOpConfig
+
+    def extra_loss(self, loaded, class_names, text: torch.Tensor) -> torch.Tensor:
+        key = tuple(class_names)
+        cached = getattr(self, "_hand_written", {})
+        if key not in cached:
+            from ..models import encode_class_prompts
+
+            with self.hand_written(), torch.no_grad():
+                cached[key] = encode_class_prompts(loaded, list(class_names),
+                                                   [self.config.template()],
+                                                   text.device).float()
+            self._hand_written = cached
+        return self.config.w * knowledge_distance(text, cached[key])

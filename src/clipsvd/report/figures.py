@@ -51,8 +51,9 @@ def _colors(methods) -> dict[str, str]:
     palette = {"zero_shot": "#555555", "linear_probe": "#1f77b4", "clip_lora": "#2ca02c",
                "comp_lora": "#9467bd", "clip_svd": "#d62728", "lp_pp": "#17becf",
                "tip_adapter": "#ff7f0e", "tip_adapter_f": "#8c564b", "clip_adapter": "#e377c2",
-               "full_finetune": "#000000", "coop": "#bcbd22"}
-    extra = iter(["#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"])
+               "full_finetune": "#000000", "coop": "#bcbd22",
+               "kgcoop": "#7f7f7f"}
+    extra = iter(["#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"])
     return {m: palette.get(m) or next(extra, "#000000") for m in methods}
 
 
