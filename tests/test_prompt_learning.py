@@ -59,7 +59,7 @@ def test_save_and_load_are_exact_and_a_wrong_context_length_is_refused(tmp_path)
     again = attach("coop", fresh.model, {}, tokenizer=fresh.tokenizer)
     again.load(tmp_path / "coop.safetensors")
     assert torch.equal(again.named_trainable()["ctx"], adapter.named_trainable()["ctx"])
-    with pytest.raises(ModelError, match="n_ctx is 3 but ctx_init 'a photo of a' is 4 tokens"):
+    with pytest.raises(ModelError, match="CoOp n_ctx is 3 but ctx_init .a photo of a. is 4 tokens"):
         attach("coop", load_model("tiny-clip", None, 0).model, {"n_ctx": 3},
                tokenizer=loaded.tokenizer)
 

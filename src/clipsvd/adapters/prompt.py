@@ -94,14 +94,13 @@ class CoOpAdapter(Adapter):
     config_class: ClassVar[type[CoOpConfig]] = CoOpConfig
 
     def __init__(self, model: nn.Module, config: CoOpConfig, start: int,
-                 ids: torch.Tensor, embedding_path: str, handle, base_fingerprint: str,
+                 ids: torch.Tensor, embedding_path: str, base_fingerprint: str,
                  base_num_parameters: int):
         self.model = model
         self.config = config
         self.start = start
         self.ids = ids
         self.embedding_path = embedding_path
-        self.handle = handle
         self.base_fingerprint = base_fingerprint
         self.base_num_parameters = base_num_parameters
         self.injecting = True
@@ -129,8 +128,9 @@ class CoOpAdapter(Adapter):
                              "before attaching another")
         start, ids = context_tokens(tokenizer, config.ctx_init)
         if len(ids) != config.n_ctx:
-            raise ModelError(f"CoOp n_ctx is {config.n_ctx} but ctx_init {config.ctx_init!r} "
-                             f"is {len(ids)} tokens; set n_ctx to {len(ids)} or change ctx_init")
+            raise ModelError(f"{config.label} n_ctx is {config.n_ctx} but ctx_init "
+                             f"{config.ctx_init!r} is {len(ids)} tokens; set n_ctx to {len(ids)} "
+                             "or change ctx_init")
         path, embedding = word_embeddings(model)
         base_fingerprint = model_fingerprint(model)
         base_count = count_parameters(model)
@@ -139,8 +139,8 @@ class CoOpAdapter(Adapter):
                            .float().clone())
         # Registered on the embedding table, so it moves with the model to its device.
         embedding.register_parameter(CONTEXT, ctx)
-        adapter = cls(model, config, start, ids, path, None, base_fingerprint, base_count)
-        adapter.handle = embedding.register_forward_hook(adapter._inject)
+        adapter = cls(model, config, start, ids, path, base_fingerprint, base_count)
+        embedding.register_forward_hook(adapter._inject)
         model._clipsvd_prompt_adapter = True
         return adapter
 
@@ -151,9 +151,8 @@ class CoOpAdapter(Adapter):
         span = slice(self.start, self.start + len(self.ids))
         if tokens.shape[1] < span.stop:
             return output
+        # Which rows are the context's prompts, on the device: no host sync per step.
         rows = (tokens[:, span] == self.ids.to(tokens.device)).all(dim=1)
-        if not bool(rows.any()):
-            return output
         placed = torch.zeros_like(output[:1])
         placed[:, span] = getattr(module, CONTEXT).to(output.dtype)
         where = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
