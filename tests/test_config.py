@@ -178,3 +178,26 @@ def test_command_line_values_are_typed_as_in_a_study_file():
                                                   "layers": "top4"},
         "tracking": {"uri": None}, "datasets": [{"name": "nan", "templates": ["a {}"]}]}
     assert config.typed_overrides({"threads": 2, "x": True}) == {"threads": 2, "x": True}
+
+
+def test_small_numbers_survive_the_resolved_config_the_jobs_read(tmp_path):
+    """The workflow writes the resolved config as JSON, which writes 1e-05 without a decimal
+    point; read back through YAML 1.1 that is text, and every job of a study with a learning
+    rate below 1e-4 failed (caught by the miniature's full fine-tuning at lr 1e-5)."""
+    raw = {"study": "s", "datasets": [{"name": "d", "format": "folder", "root": "x"}],
+           "full_finetune": {"lr": 1e-5}, "coop": {"warmup_lr": 5e-6}}
+    config.write_resolved(raw, tmp_path / "s.json")
+    assert '"lr": 1e-05' in (tmp_path / "s.json").read_text()
+    cfg = config.load(tmp_path / "s.json")
+    assert cfg.full_finetune.lr == 1e-5 and cfg.coop.warmup_lr == 5e-6
+
+
+def test_an_exponent_without_a_decimal_point_is_explained(tmp_path):
+    """YAML 1.1 (PyYAML, Snakemake) reads `1e-5` as text: the line says how to write it."""
+    study = tmp_path / "s.yaml"
+    study.write_text("study: s\ndatasets: [{name: d, format: folder, root: x}]\n"
+                     "clip_svd: {lr: 1e-5}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'clip_svd.lr': '1e-5' is read as text by YAML, "
+                                          r"not as a number; write it with a decimal point "
+                                          r"\(1.0e-5\) or in plain decimals"):
+        config.load(study)

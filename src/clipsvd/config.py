@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -370,9 +371,18 @@ def validate(raw: Any, source: str) -> dict[str, Any]:
     return data
 
 
+# A number YAML 1.1 (PyYAML, Snakemake) reads as text: an exponent without a decimal point.
+_EXPONENT_WITHOUT_POINT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
 def _describe(error) -> str:
     if error.validator == "enum":
         return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if (error.validator == "type" and isinstance(error.instance, str)
+            and _EXPONENT_WITHOUT_POINT.match(error.instance)):
+        mantissa, exponent = re.split("[eE]", error.instance)
+        return (f"{error.instance!r} is read as text by YAML, not as a number; write it with a "
+                f"decimal point ({mantissa}.0e{exponent}) or in plain decimals")
     return error.message
 
 
@@ -566,8 +576,17 @@ def load(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        # The resolved config the workflow writes for its jobs. Not through the YAML parser:
+        # YAML 1.1 reads 1e-05, how JSON writes small numbers, as text.
+        try:
+            return from_dict(json.loads(text), str(path))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): "
+                              "fix the syntax") from None
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
