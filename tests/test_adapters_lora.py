@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from clipsvd.adapters import (ADAPTERS, CompLoRAAdapter, CompLoRAConfig, LoRAAdapter, LoRAConfig,
-                              SVDAdapter, SVDConfig, config_for, protected_rank)
+from clipsvd.adapters import (ADAPTERS, CONFIGS, CompLoRAAdapter, CompLoRAConfig, LoRAAdapter,
+                              LoRAConfig, SVDAdapter, SVDConfig, config_for, protected_rank)
 from clipsvd.adapters.comp_lora import CompLoRABranch
 from clipsvd.adapters.lora import LoRABranch, LoRALinear, LoRAMultiheadAttention
 from adapter_helpers import predict as _predict, train_steps as _train
@@ -348,7 +348,8 @@ def test_configs_and_registry():
     assert isinstance(config_for("clip_svd", {"layers": "top1"}), SVDConfig)
     with pytest.raises(ModelError, match="no adapter"):
         config_for("zero_shot", {})
-    assert set(ADAPTERS) == {"clip_svd", "clip_lora", "comp_lora"}
+    assert ADAPTERS["clip_lora"] is LoRAAdapter and ADAPTERS["comp_lora"] is CompLoRAAdapter
+    assert set(ADAPTERS) == set(CONFIGS), "every adapter has its config class"
     assert CompLoRAConfig().to_dict()["protect_energy"] == 0.9
 
     loaded = _fresh()

@@ -241,7 +241,8 @@ def base_to_novel(table: pd.DataFrame) -> Table:
     bold = _bold_best(rows, values, lambda i: groups[i])
     note = ("HM is the harmonic mean of the mean base and mean novel accuracy (as in "
             "CoOp/CoCoOp/CLIP-SVD). " + AVERAGE_NOTE + " Best per dataset in bold.")
-    cached = [method_label(m) for m in CACHE_ONLY_BASE if m in set(table.method)]
+    present = set(table["method"]) if "method" in table else set()
+    cached = [method_label(m) for m in CACHE_ONLY_BASE if m in present]
     if cached:
         note += (f" {' and '.join(cached)}: the cache holds base classes only, so novel classes "
                  "are scored with zero-shot's logits (their Novel is zero-shot's).")
