@@ -25,11 +25,13 @@ from clipsvd.data.demo import generate_demo_dataset
 from clipsvd.data.prepare import prepare_dataset
 from clipsvd.data.sampling import sample_split, write_split
 from clipsvd.data.store import PreparedStore
+from clipsvd.descriptions import SHIPPED
 from clipsvd.evaluate import evaluate
 from clipsvd.features import compute_features
 from clipsvd.train import adapt
 
-ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop", "kgcoop")
+ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop", "kgcoop",
+                   "biomedcoop")
 SHOTS = 4
 Z = 3.0  # one-sided normal quantile of p ≈ 0.0013, for both margins below
 
@@ -37,7 +39,8 @@ Z = 3.0  # one-sided normal quantile of p ≈ 0.0013, for both margins below
 def study(root) -> dict:
     return {"study": "learning",
             "datasets": [{"name": "toy", "format": "csv", "root": str(root / "raw"),
-                          "manifest": "manifest.csv", "templates": ["a {} scan"]}],
+                          "manifest": "manifest.csv", "templates": ["a {} scan"],
+                          "descriptions": str(SHIPPED / "demo.yaml")}],
             "methods": ["zero_shot", *ADAPTER_METHODS], "shots": [SHOTS], "seeds": [1],
             "device": "cpu",
             # 16 support images, batch 32: every step sees the whole support set, cropped anew.
@@ -50,6 +53,8 @@ def study(root) -> dict:
             "coop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0},
             "kgcoop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0,
                        "batch_size": 32, "w": 0.1},
+            "biomedcoop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0,
+                           "batch_size": 32, "sccm_lambda": 0.1, "kdsp_lambda": 0.1},
             "tracking": {"enabled": False}}
 
 

@@ -1,5 +1,6 @@
-"""CoOp's context injection (clipsvd.adapters.prompt): exact before training on every text
-tower clipsvd loads, untouched for other text, and saved and loaded exactly."""
+"""The prompt learners (clipsvd.adapters.prompt): CoOp's context injection exact before training on
+every text tower clipsvd loads, untouched for other text, saved and loaded exactly; KgCoOp's and
+BiomedCoOp's extra terms against direct computations."""
 from __future__ import annotations
 
 import pytest
@@ -108,3 +109,97 @@ def test_kgcoop_term_is_its_distance_to_the_frozen_models_hand_written_prompts()
     assert value == pytest.approx(float(direct.detach()), rel=1e-5) and value > 1e-3
     term.backward()
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+
+
+def test_biomedcoop_pruning_keeps_the_descriptions_within_tau_standard_deviations():
+    """The public rule (z from median and MAD, standardised again, |.| <= tau) computed
+    directly, against kept_descriptions; equal scores (MAD 0, where the public code divides
+    by zero) keep every description."""
+    from clipsvd.adapters.prompt import kept_descriptions
+
+    scores = torch.tensor([1.0, 1.1, 0.9, 1.05, 3.0, 0.95, -1.2])
+    median = scores.median()
+    z = (scores - median) / (scores - median).abs().median()
+    public = ((z - z.mean()) / z.std()).abs() <= 1.5
+    assert public.tolist() == [True, True, True, True, False, True, False]
+    assert kept_descriptions(scores, 1.5).tolist() == public.tolist()
+    assert kept_descriptions(torch.ones(5), 1.5).all()
+    assert kept_descriptions(torch.tensor([2.0]), 1.5).all()
+
+
+def test_biomedcoop_terms_match_a_direct_computation():
+    """SCCM and KDSP on fixed tensors, written out step by step as the published trainer does
+    them (a loop over descriptions, the kept ones' mean, MSE and a summed KL / numel)."""
+    from clipsvd.adapters.prompt import biomedcoop_terms, kept_descriptions
+
+    g = torch.Generator().manual_seed(0)
+    n_classes, n_desc, dim, batch = 3, 6, 8, 5
+    desc = torch.nn.functional.normalize(torch.randn(n_classes, n_desc, dim, generator=g), dim=-1)
+    desc[:, 4] = torch.nn.functional.normalize(desc[:, 4] * 0.01 + 1.0, dim=-1)  # an outlier
+    text = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
+    image = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    scale = torch.tensor(20.0)
+    logits = scale * image @ text.t()
+    scores = torch.stack([(scale * image @ desc[:, i].t()).max(dim=1).values.mean()
+                          for i in range(n_desc)])
+    kept = kept_descriptions(scores, 1.5)
+    assert 0 < int(kept.sum()) < n_desc  # the case where pruning matters
+    teacher = torch.nn.functional.normalize(desc[:, kept].mean(dim=1), dim=-1)
+    zero_shot = scale * image @ teacher.t()
+    target = torch.nn.functional.normalize(desc.mean(dim=1), dim=-1)
+    sccm = ((text - target) ** 2).mean()
+    p = torch.softmax(zero_shot, dim=1)
+    kdsp = (p * (torch.log_softmax(zero_shot, 1) - torch.log_softmax(logits, 1))).sum() / logits.numel()
+    got = biomedcoop_terms(text, image, logits, desc, scale, 1.5)
+    assert float(got[0]) == pytest.approx(float(sccm), rel=1e-6)
+    assert float(got[1]) == pytest.approx(float(kdsp), rel=1e-5) and float(kdsp) > 1e-4
+
+
+def test_biomedcoop_loss_uses_the_frozen_models_description_features(tmp_path):
+    """The adapter's extra loss equals the terms computed with the plain model's features for
+    the descriptions (the context, though initialised from 'a photo of a', is not injected
+    into a description that starts with those words), weighted by the lambdas."""
+    from clipsvd.adapters.prompt import biomedcoop_terms
+
+    descriptions = [[f"a photo of a {c}.", f"an image of {c}."] for c in CLASSES]
+    plain = load_model("tiny-clip", None, 0)
+    freeze(plain.model)
+    loaded = load_model("tiny-clip", None, 0)
+    adapter = attach("biomedcoop", loaded.model, {"sccm_lambda": 2.0, "kdsp_lambda": 0.5},
+                     tokenizer=loaded.tokenizer)
+    adapter.descriptions = descriptions
+    with torch.no_grad():
+        ctx = adapter.named_trainable()["ctx"]
+        ctx.add_(torch.randn(ctx.shape, generator=torch.Generator().manual_seed(1)))
+        flat = [s for d in descriptions for s in d]
+        frozen = torch.nn.functional.normalize(
+            plain.model.encode_text(plain.tokenizer(flat)), dim=-1).reshape(3, 2, -1)
+    text = encode_class_prompts(loaded, CLASSES, adapter.prompt_templates([]))
+    image = torch.nn.functional.normalize(torch.randn(4, text.shape[1]), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * image @ text.t()
+    sccm, kdsp = biomedcoop_terms(text.detach(), image, logits.detach(), frozen, scale, 1.5)
+    term = adapter.extra_loss(loaded, CLASSES, text, image, logits, scale)
+    assert float(term.detach()) == pytest.approx(float(2.0 * sccm + 0.5 * kdsp), rel=1e-5)
+    term.backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+
+
+def test_description_files_are_checked_in_one_line(tmp_path):
+    from clipsvd.descriptions import class_descriptions
+    from clipsvd.errors import ConfigError
+
+    path = tmp_path / "desc.yaml"
+    path.write_text("cyst: [a round dark lesion.]\ntumor: [a solid mass.]\n")
+    assert class_descriptions(path, ["tumor", "cyst"]) == [["a solid mass."],
+                                                            ["a round dark lesion."]]
+    with pytest.raises(ConfigError, match=r"desc.yaml: no descriptions for class 'calcification'; add"):
+        class_descriptions(path, ["cyst", "tumor", "calcification"])
+    path.write_text("cyst: []\ntumor: [a solid mass.]\n")
+    with pytest.raises(ConfigError, match="class 'cyst' needs a non-empty list"):
+        class_descriptions(path, ["cyst", "tumor"])
+    path.write_text("cyst: [a, b]\ntumor: [c]\n")
+    with pytest.raises(ConfigError, match="'tumor' has 1 sentences and 'cyst' 2"):
+        class_descriptions(path, ["cyst", "tumor"])
+    with pytest.raises(ConfigError, match="description file not found"):
+        class_descriptions(tmp_path / "none.yaml", ["cyst"])

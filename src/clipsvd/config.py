@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
 METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
-           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop", "kgcoop")
+           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop", "kgcoop",
+           "biomedcoop")
 # Methods that train with an adapter (full_finetune: every weight, the ablations' reference;
-# coop, kgcoop: context vectors in the prompts).
-ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop", "kgcoop")
+# coop, kgcoop, biomedcoop: context vectors in the prompts).
+ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop", "kgcoop",
+                   "biomedcoop")
 # Methods that use frozen image features (the store's, computed once; clipsvd.feature_adapters).
 FEATURE_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "lp_pp",
                    "clip_adapter")
@@ -110,6 +112,7 @@ class DatasetConfig:
     settings: tuple[str, ...] | None = None  # None: every setting of the study
     class_names: dict | None = None  # {source class name: the name prompts give it}
     exclude_pretrained_on: str | None = None  # <model>/<tag>: its pretraining images leave train
+    descriptions: str | None = None  # BiomedCoOp's class descriptions (None: the shipped file)
 
 
 @dataclass(frozen=True)
@@ -234,10 +237,23 @@ class KgCoOpMethodConfig(CoOpMethodConfig):
     w: float = 8.0
 
 
+@dataclass(frozen=True)
+class BiomedCoOpMethodConfig(CoOpMethodConfig):
+    """BiomedCoOp's published recipe (its configs): CoOp's at lr 0.0025 and batch 4, with the
+    weights of its two description terms (per dataset in its configs) and the pruning
+    threshold tau."""
+    lr: float = 0.0025
+    batch_size: int = 4
+    sccm_lambda: float = 1.0
+    kdsp_lambda: float = 1.0
+    tau: float = 1.5
+
+
 METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
                   "comp_lora": CompLoRAMethodConfig, "full_finetune": FullFinetuneMethodConfig,
-                  "coop": CoOpMethodConfig, "kgcoop": KgCoOpMethodConfig}
-PROMPT_METHODS = ("coop", "kgcoop")
+                  "coop": CoOpMethodConfig, "kgcoop": KgCoOpMethodConfig,
+                  "biomedcoop": BiomedCoOpMethodConfig}
+PROMPT_METHODS = ("coop", "kgcoop", "biomedcoop")
 
 
 @dataclass(frozen=True)
@@ -277,6 +293,7 @@ class StudyConfig:
     full_finetune: FullFinetuneMethodConfig
     coop: CoOpMethodConfig
     kgcoop: KgCoOpMethodConfig
+    biomedcoop: BiomedCoOpMethodConfig
     linear_probe: LinearProbeConfig
     tip_adapter: TipAdapterConfig
     tip_adapter_f: TipAdapterFConfig
@@ -474,9 +491,23 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
                               f"the study's settings ({', '.join(data['settings'])}); add it "
                               "there or remove it here")
         for method, override in (dataset.get("overrides") or {}).items():
+            unknown = sorted(set(override) - {f.name for f in fields(METHOD_CONFIGS[method])})
+            if unknown:
+                raise ConfigError(f"{source}: key 'datasets.{i}.overrides.{method}."
+                                  f"{unknown[0]}': {method} has no such setting; remove it "
+                                  "or move it to the method it belongs to")
             if override.get("crop_scale") is not None:
                 check_crop_scale(override["crop_scale"],
                                  f"{source}: key 'datasets.{i}.overrides.{method}.crop_scale'")
+        if "biomedcoop" in data["methods"]:
+            from .descriptions import description_path, read_descriptions
+
+            key = f"datasets.{i}.descriptions"
+            try:
+                read_descriptions(description_path(dataset, key))
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}" if str(exc).startswith("key") else
+                                  f"{source}: key '{key}': {exc}") from None
         if dataset.get("exclude_pretrained_on"):
             from .data.holdout import packaged_hashes
 
@@ -559,6 +590,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         full_finetune=_build(FullFinetuneMethodConfig, data["full_finetune"]),
         coop=_build(CoOpMethodConfig, data["coop"]),
         kgcoop=_build(KgCoOpMethodConfig, data["kgcoop"]),
+        biomedcoop=_build(BiomedCoOpMethodConfig, data["biomedcoop"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),
         tip_adapter=_build(TipAdapterConfig, data["tip_adapter"]),
         tip_adapter_f=_build(TipAdapterFConfig, data["tip_adapter_f"]),

@@ -226,7 +226,7 @@ SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "iterations_per
                    "min_lr", "encoders", "layers", "matrices", "crop_scale", "flip",
                    "precision", "execution", "rank", "alpha", "dropout", "protect_rank",
                    "protect_energy", "optimizer", "momentum", "warmup_epochs", "warmup_lr",
-                   "n_ctx", "ctx_init", "w")
+                   "n_ctx", "ctx_init", "w", "sccm_lambda", "kdsp_lambda", "tau")
 TRAINING_FACTS = ("total_steps", "trainable_parameters", "trainable_fraction")
 
 

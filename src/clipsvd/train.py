@@ -26,6 +26,7 @@ from .config import ADAPTER_METHODS, StudyConfig, TrainingConfig
 from .data.augment import random_resized_crops
 from .data.store import PreparedStore
 from .data.views import CROP_SOURCES, support_images
+from .descriptions import class_descriptions, description_path
 from .devices import (autocast_dtype, batch_size_on_oom, claimed_gpu_slot, gpu_memory_guard,
                       model_to_device, resolve_device, to_device)
 from .errors import ConfigError, TrainingError
@@ -172,6 +173,9 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     loaded = load_model(cfg.model.name, cfg.model.pretrained, cfg.model.init_seed)
     model = loaded.model
     adapter = attach_adapter(method, model, settings, tokenizer=loaded.tokenizer)
+    if adapter.needs_descriptions:  # checked against the split's classes before any training
+        adapter.descriptions = class_descriptions(
+            description_path(dataset_cfg, f"datasets[{dataset}].descriptions"), split["classes"])
     templates = adapter.prompt_templates(dataset_cfg.templates)
     model_to_device(model, device)
     n_model = adapter.base_num_parameters
@@ -252,7 +256,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                 feats = encode_images(model, batch)
                 logits = class_logits(scale, feats, text)
                 loss = F.cross_entropy(logits, target)
-                extra = adapter.extra_loss(prompts, split["classes"], text)
+                extra = adapter.extra_loss(prompts, split["classes"], text, feats, logits, scale)
                 if extra is not None:
                     loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)

@@ -66,9 +66,16 @@ class Adapter(ABC):
         a prompt learner, whose own prompt replaces them."""
         return tuple(templates)
 
-    def extra_loss(self, loaded, class_names, text: torch.Tensor) -> torch.Tensor | None:
+    # Whether training sets ``descriptions`` (per class, sentences) first (BiomedCoOp).
+    needs_descriptions = False
+
+    def extra_loss(self, loaded, class_names, text: torch.Tensor,
+                   image_features: torch.Tensor | None = None,
+                   logits: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """A term the method adds to the cross-entropy of a step, from the step's class text
-        features (KgCoOp's distance to the hand-written prompts); none for most methods."""
+        features, image features, logits and logit scale (KgCoOp's distance to the
+        hand-written prompts, BiomedCoOp's description terms); none for most methods."""
         return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:

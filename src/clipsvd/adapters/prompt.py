@@ -195,7 +195,8 @@ class KgCoOpAdapter(CoOpAdapter):
     kind = "kgcoop"
     config_class = KgCoOpConfig
 
-    def extra_loss(self, loaded, class_names, text: torch.Tensor) -> torch.Tensor:
+    def extra_loss(self, loaded, class_names, text: torch.Tensor, image_features=None,
+                   logits=None, scale=None) -> torch.Tensor:
         key = tuple(class_names)
         cached = getattr(self, "_hand_written", {})
         if key not in cached:
@@ -207,3 +208,79 @@ class KgCoOpAdapter(CoOpAdapter):
                                                    text.device).float()
             self._hand_written = cached
         return self.config.w * knowledge_distance(text, cached[key])
+
+
+@dataclass
+class BiomedCoOpConfig(CoOpConfig):
+    label: ClassVar[str] = "BiomedCoOp"
+    sccm_lambda: float = 1.0
+    kdsp_lambda: float = 1.0
+    tau: float = 1.5
+
+
+def kept_descriptions(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """BiomedCoOp's pruning: description i is kept where its score's z-score (from the median
+    and the median absolute deviation), standardised again over the descriptions, is at most
+    ``tau`` in size. The standardisation makes the MAD step cancel, so this is
+    ``|s - mean s| <= tau * std s``, which also holds where the public code divides by a zero
+    MAD (equal scores: every description is kept, not none) and runs on the device."""
+    if scores.numel() < 2:  # one description: no spread to prune by
+        return torch.ones_like(scores, dtype=torch.bool)
+    return (scores - scores.mean()).abs() <= tau * scores.std()
+
+
+def biomedcoop_terms(text: torch.Tensor, image_features: torch.Tensor, logits: torch.Tensor,
+                     descriptions: torch.Tensor, scale: torch.Tensor, tau: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SCCM, KDSP) before their λ: the mean squared difference between the learned prompts'
+    unit text features (C×D) and the unit mean of each class's description features
+    (``descriptions``: C×N×D, unit rows), and KL(zero-shot ‖ learned) summed and divided by
+    the logits' size, where the zero-shot logits use the unit mean of the descriptions kept by
+    ``kept_descriptions`` (scored, as published, by the batch mean of each description's best
+    class logit)."""
+    feats = F.normalize(image_features.float(), dim=-1)
+    scale = scale.float()
+    per = scale * torch.einsum("bd,cnd->bnc", feats, descriptions)  # B×N×C
+    scores = per.max(dim=2).values.mean(dim=0)
+    kept = kept_descriptions(scores, tau).to(descriptions.dtype)
+    teacher = F.normalize((descriptions * kept[None, :, None]).sum(1), dim=-1)
+    zero_shot = scale * feats @ teacher.t()
+    sccm = F.mse_loss(text.float(), F.normalize(descriptions.mean(1), dim=-1))
+    kdsp = F.kl_div(F.log_softmax(logits.float(), dim=1), F.log_softmax(zero_shot, dim=1),
+                    reduction="sum", log_target=True) / logits.numel()
+    return sccm, kdsp
+
+
+class BiomedCoOpAdapter(CoOpAdapter):
+    """CoOp held to each class's descriptions: their mean text feature (SCCM) and the
+    zero-shot logits of the descriptions that survive pruning (KDSP), both from the frozen
+    model. The descriptions (``descriptions``: per class, in the split's class order) are
+    set before training (clipsvd.descriptions)."""
+
+    kind = "biomedcoop"
+    config_class = BiomedCoOpConfig
+    needs_descriptions = True
+    descriptions: list[list[str]] | None = None
+
+    def description_features(self, loaded, class_names, device) -> torch.Tensor:
+        """C×N×D unit text features of the frozen model, computed once per class list."""
+        key = tuple(class_names)
+        cached = getattr(self, "_description_features", {})
+        if key not in cached:
+            if self.descriptions is None or len(self.descriptions) != len(class_names):
+                raise ModelError(f"{self.config.label} needs one list of descriptions per "
+                                 "class before training; set adapter.descriptions")
+            flat = [s for sentences in self.descriptions for s in sentences]
+            with self.hand_written(), torch.no_grad():
+                tokens = loaded.tokenizer(flat).to(device)
+                feats = F.normalize(loaded.model.encode_text(tokens).float(), dim=-1)
+            cached[key] = feats.reshape(len(class_names), len(self.descriptions[0]), -1)
+            self._description_features = cached
+        return cached[key]
+
+    def extra_loss(self, loaded, class_names, text: torch.Tensor, image_features=None,
+                   logits=None, scale=None) -> torch.Tensor:
+        descriptions = self.description_features(loaded, class_names, text.device)
+        sccm, kdsp = biomedcoop_terms(text, image_features, logits, descriptions, scale,
+                                      self.config.tau)
+        return self.config.sccm_lambda * sccm + self.config.kdsp_lambda * kdsp
