@@ -30,8 +30,8 @@ from clipsvd.evaluate import evaluate
 from clipsvd.features import compute_features
 from clipsvd.train import adapt
 
-ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop", "kgcoop",
-                   "biomedcoop")
+ADAPTER_METHODS = ("clip_svd", "clip_lora", "comp_lora", "full_finetune", "coop", "cocoop",
+                   "kgcoop", "biomedcoop")
 SHOTS = 4
 Z = 3.0  # one-sided normal quantile of p ≈ 0.0013, for both margins below
 
@@ -51,6 +51,10 @@ def study(root) -> dict:
             # AdamW here, so the flipped-gradient break below reaches it too (its recipe's SGD
             # and warm-up: test_prompt_learning.py)
             "coop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0},
+            # CoCoOp's meta-network shifts every prompt by far more than tiny-clip's token
+            # embeddings (std 0.02) at its default initialisation: longer, at a higher rate
+            "cocoop": {"lr": 0.03, "epochs": 120, "optimizer": "adamw", "warmup_epochs": 0,
+                       "batch_size": 16},
             "kgcoop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0,
                        "batch_size": 32, "w": 0.1},
             "biomedcoop": {"lr": 0.01, "epochs": 40, "optimizer": "adamw", "warmup_epochs": 0,

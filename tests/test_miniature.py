@@ -62,7 +62,7 @@ def test_miniature_study_follows_the_protocol_of_the_issue():
 def test_miniature_study_expands_to_its_documented_jobs(tmp_path):
     """`snakemake -n` on the whole study: 5 (dataset, setting) pairs × 15 (K, seed) runs; the
     linear probe and LP++ in few-shot only, RetinaMNIST in few-shot only (docs/miniature.md:
-    1,383 jobs). Caught when tried: the probe kept in base-to-novel's job list gave 305
+    1,533 jobs). Caught when tried: the probe kept in base-to-novel's job list gave 305
     evaluations of the five methods of protocol 2."""
     cfg = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
     for dataset in cfg["datasets"]:
@@ -77,10 +77,10 @@ def test_miniature_study_expands_to_its_documented_jobs(tmp_path):
     assert result.returncode == 0, output[-5000:]
     runs = 5 * 3
     assert job_stats(output) == {
-        "prepare": 3, "features": 3, "sample": 5 * (runs + 1), "adapt": 5 * 6 * runs,
-        "evaluate": 3 * (1 + 11 * runs) + 2 * (1 + 9 * runs), "interpret": 5 * runs,
+        "prepare": 3, "features": 3, "sample": 5 * (runs + 1), "adapt": 5 * 7 * runs,
+        "evaluate": 3 * (1 + 12 * runs) + 2 * (1 + 10 * runs), "interpret": 5 * runs,
         "report": 1, "all": 1}
-    assert sum(job_stats(output).values()) == 1383
+    assert sum(job_stats(output).values()) == 1533
     assert "linear_probe/base_to_novel" not in output and "lp_pp/base_to_novel" not in output
     assert "retinamnist/zero_shot/base_to_novel" not in output
 

@@ -203,3 +203,65 @@ def test_description_files_are_checked_in_one_line(tmp_path):
         class_descriptions(path, ["cyst", "tumor"])
     with pytest.raises(ConfigError, match="description file not found"):
         class_descriptions(tmp_path / "none.yaml", ["cyst"])
+
+
+@pytest.mark.parametrize("name,pretrained", TOWERS)
+def test_cocoop_with_a_zero_shift_scores_each_image_as_the_tokenised_prompts(name, pretrained):
+    """Every image its own prompts, in one text batch: with the meta-network's output zeroed
+    the per-row injection must give each image the plain model's logits for "a photo of a
+    {class}." (to float tolerance), on every tower; a nonzero shift must change them."""
+    from clipsvd.train import class_logits
+
+    plain = load_model(name, pretrained, 0)
+    loaded = load_model(name, pretrained, 0)
+    adapter = attach("cocoop", loaded.model, {}, tokenizer=loaded.tokenizer)
+    size = loaded.image_size
+    images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    scale = torch.tensor(10.0)
+    with torch.no_grad():
+        last = adapter.meta_net[2]
+        last.weight.zero_()
+        last.bias.zero_()
+        feats = torch.nn.functional.normalize(loaded.model.encode_image(images), dim=-1)
+        got = adapter.conditioned_logits(loaded, CLASSES, adapter.prompt_templates([]), feats,
+                                         scale)
+        text = encode_class_prompts(plain, CLASSES, ["a photo of a {}."])
+        expected = class_logits(scale, feats, text)
+        assert got.shape == (3, len(CLASSES))
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        last.bias.normal_(generator=torch.Generator().manual_seed(1))
+        shifted = adapter.conditioned_logits(loaded, CLASSES, adapter.prompt_templates([]),
+                                             feats, scale)
+        assert (shifted - expected).abs().max() > 1e-3
+        # each image's own shift reaches its own rows: scored alone, the same logits
+        last.weight.normal_(generator=torch.Generator().manual_seed(2))
+        together = adapter.conditioned_logits(loaded, CLASSES, adapter.prompt_templates([]),
+                                              feats, scale)
+        alone = torch.cat([adapter.conditioned_logits(loaded, CLASSES,
+                                                      adapter.prompt_templates([]),
+                                                      feats[i:i + 1], scale) for i in range(3)])
+        assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_cocoop_trains_its_context_and_meta_network_and_saves_both(tmp_path):
+    loaded = load_model("tiny-clip", None, 0)
+    adapter = attach("cocoop", loaded.model, {}, tokenizer=loaded.tokenizer)
+    trained = adapter.named_trainable()
+    assert set(trained) == {"ctx", "meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
+                            "meta_net.2.bias"}
+    images = torch.rand(2, 3, loaded.image_size, loaded.image_size)
+    feats = torch.nn.functional.normalize(loaded.model.encode_image(images), dim=-1)
+    logits = adapter.conditioned_logits(loaded, CLASSES, adapter.prompt_templates([]), feats,
+                                        torch.tensor(10.0))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    grads = {k for k, p in trained.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == set(trained)
+    frozen = [n for n, p in loaded.model.named_parameters()
+              if p.requires_grad and p not in set(trained.values())]
+    assert frozen == []
+    adapter.save(tmp_path / "a.safetensors")
+    again = load_model("tiny-clip", None, 0)
+    other = attach("cocoop", again.model, {}, tokenizer=again.tokenizer)
+    other.load(tmp_path / "a.safetensors")
+    for key, p in other.named_trainable().items():
+        assert torch.equal(p, trained[key]), key

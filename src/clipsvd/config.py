@@ -21,12 +21,12 @@ from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
 METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
-           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop", "kgcoop",
+           "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop", "cocoop", "kgcoop",
            "biomedcoop")
 # Methods that train with an adapter (full_finetune: every weight, the ablations' reference;
-# coop, kgcoop, biomedcoop: context vectors in the prompts).
-ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop", "kgcoop",
-                   "biomedcoop")
+# coop, cocoop, kgcoop, biomedcoop: context vectors in the prompts).
+ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop", "cocoop",
+                   "kgcoop", "biomedcoop")
 # Methods that use frozen image features (the store's, computed once; clipsvd.feature_adapters).
 FEATURE_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "lp_pp",
                    "clip_adapter")
@@ -238,6 +238,15 @@ class KgCoOpMethodConfig(CoOpMethodConfig):
 
 
 @dataclass(frozen=True)
+class CoCoOpMethodConfig(CoOpMethodConfig):
+    """CoCoOp's published biomedical recipe (BiomedCoOp's CoCoOp configs, both settings):
+    CoOp's optimiser at lr 0.001, batch 1, 10 epochs."""
+    lr: float = 0.001
+    batch_size: int = 1
+    epochs: int | None = 10
+
+
+@dataclass(frozen=True)
 class BiomedCoOpMethodConfig(CoOpMethodConfig):
     """BiomedCoOp's published recipe (its configs): CoOp's at lr 0.0025 and batch 4, with the
     weights of its two description terms (per dataset in its configs) and the pruning
@@ -251,9 +260,9 @@ class BiomedCoOpMethodConfig(CoOpMethodConfig):
 
 METHOD_CONFIGS = {"clip_svd": ClipSvdConfig, "clip_lora": LoRAMethodConfig,
                   "comp_lora": CompLoRAMethodConfig, "full_finetune": FullFinetuneMethodConfig,
-                  "coop": CoOpMethodConfig, "kgcoop": KgCoOpMethodConfig,
-                  "biomedcoop": BiomedCoOpMethodConfig}
-PROMPT_METHODS = ("coop", "kgcoop", "biomedcoop")
+                  "coop": CoOpMethodConfig, "cocoop": CoCoOpMethodConfig,
+                  "kgcoop": KgCoOpMethodConfig, "biomedcoop": BiomedCoOpMethodConfig}
+PROMPT_METHODS = ("coop", "cocoop", "kgcoop", "biomedcoop")
 
 
 @dataclass(frozen=True)
@@ -292,6 +301,7 @@ class StudyConfig:
     comp_lora: CompLoRAMethodConfig
     full_finetune: FullFinetuneMethodConfig
     coop: CoOpMethodConfig
+    cocoop: CoCoOpMethodConfig
     kgcoop: KgCoOpMethodConfig
     biomedcoop: BiomedCoOpMethodConfig
     linear_probe: LinearProbeConfig
@@ -589,6 +599,7 @@ def from_dict(raw: Any, source: str = "<config>") -> StudyConfig:
         comp_lora=_build(CompLoRAMethodConfig, data["comp_lora"]),
         full_finetune=_build(FullFinetuneMethodConfig, data["full_finetune"]),
         coop=_build(CoOpMethodConfig, data["coop"]),
+        cocoop=_build(CoCoOpMethodConfig, data["cocoop"]),
         kgcoop=_build(KgCoOpMethodConfig, data["kgcoop"]),
         biomedcoop=_build(BiomedCoOpMethodConfig, data["biomedcoop"]),
         linear_probe=_build(LinearProbeConfig, data["linear_probe"]),

@@ -30,14 +30,14 @@ from .models import encode_class_prompts, encode_images, load_model
 from .provenance import file_sha256, git_state, package_versions
 from .probe import fit_linear_probe, probe_probabilities, save_probe
 from .report.figures import run_confusion_matrix
-from .train import attach_adapter, class_logits, logit_scale_value, split_images
+from .train import attach_adapter, class_logits, image_scorer, logit_scale_value, split_images
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def predict(loaded, images: torch.Tensor, class_names: list[str], templates, scale: torch.Tensor,
-            device: torch.device, batch_size: int) -> torch.Tensor:
+            device: torch.device, batch_size: int, adapter=None) -> torch.Tensor:
     """Class probabilities for uint8 images (N,3,H,W) already at the model's size.
 
     Batches travel as uint8 (a quarter of float32's bytes), from pinned memory on a GPU, and
@@ -45,12 +45,12 @@ def predict(loaded, images: torch.Tensor, class_names: list[str], templates, sca
     """
     mean = torch.tensor(loaded.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, 3, 1, 1)
-    text = encode_class_prompts(loaded, class_names, templates, device)
+    scores = image_scorer(loaded, class_names, templates, scale, device, adapter)
     probs = []
     for start in range(0, len(images), batch_size):
         batch = to_device(images[start:start + batch_size], device).float().div_(255)
         features = encode_images(loaded.model, (batch - mean) / std)
-        probs.append(class_logits(scale, features, text).softmax(dim=1).cpu())
+        probs.append(scores(features).softmax(dim=1).cpu())
     return torch.cat(probs) if probs else torch.empty(0, len(class_names))
 
 
@@ -134,7 +134,8 @@ def _probabilities(cfg: StudyConfig, dataset: str, method: str, split: dict[str,
 
     def adapted(key, class_names):
         images, _ = split_images(store, split, key)
-        return predict(loaded, images, class_names, prompts, scale, device, cfg.eval_batch_size)
+        return predict(loaded, images, class_names, prompts, scale, device, cfg.eval_batch_size,
+                       adapter)
     return adapted, adapter.cached()
 
 

@@ -113,10 +113,21 @@ def class_logits(scale: torch.Tensor, image_features: torch.Tensor,
         return scale.float() * image_features.float() @ text_features.float().t()
 
 
+def image_scorer(loaded, class_names, templates, scale: torch.Tensor, device: torch.device,
+                 adapter: Adapter | None = None):
+    """image features -> float32 logits: against one text feature per class, computed once,
+    or, for an image-conditioned adapter (CoCoOp), against each image's own prompts."""
+    if adapter is not None and adapter.image_conditioned:
+        return lambda feats: adapter.conditioned_logits(loaded, class_names, templates, feats,
+                                                        scale)
+    text = encode_class_prompts(loaded, class_names, templates, device)
+    return lambda feats: class_logits(scale, feats, text)
+
+
 @torch.no_grad()
 def validation_accuracy(model, prompts, store: PreparedStore, split: dict[str, Any], templates,
                         scale: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                        device: torch.device) -> float | None:
+                        device: torch.device, adapter: Adapter | None = None) -> float | None:
     """Accuracy of the adapted model on the split's validation support set (None without one).
 
     The count stays on the device and is read once, after the last batch.
@@ -125,11 +136,11 @@ def validation_accuracy(model, prompts, store: PreparedStore, split: dict[str, A
         return None
     images, labels = split_images(store, split, "val")
     labels = to_device(labels, device)
-    text = encode_class_prompts(prompts, split["classes"], templates, device)
+    scores = image_scorer(prompts, split["classes"], templates, scale, device, adapter)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(labels), 256):
         batch = (to_device(images[start:start + 256], device).float() / 255 - mean) / std
-        predicted = class_logits(scale, encode_images(model, batch), text).argmax(1)
+        predicted = scores(encode_images(model, batch)).argmax(1)
         correct += (predicted == labels[start:start + 256]).sum()
     return int(correct) / len(labels)
 
@@ -252,9 +263,14 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
                 group["lr"] = learning_rates[step]
             with adapter.cached(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                   enabled=amp_dtype is not None):
-                text = encode_class_prompts(prompts, split["classes"], templates, device)
                 feats = encode_images(model, batch)
-                logits = class_logits(scale, feats, text)
+                if adapter.image_conditioned:
+                    text = None
+                    logits = adapter.conditioned_logits(prompts, split["classes"], templates,
+                                                        feats, scale)
+                else:
+                    text = encode_class_prompts(prompts, split["classes"], templates, device)
+                    logits = class_logits(scale, feats, text)
                 loss = F.cross_entropy(logits, target)
                 extra = adapter.extra_loss(prompts, split["classes"], text, feats, logits, scale)
                 if extra is not None:
@@ -281,7 +297,7 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     timing.record("training", seconds)
     model.eval()
     val_accuracy = validation_accuracy(model, prompts, store, split, templates, scale, mean, std,
-                                       device)
+                                       device, adapter)
 
     summary = {
         "dataset": dataset, "setting": split["setting"], "shots": shots, "seed": seed,

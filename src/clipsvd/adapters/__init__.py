@@ -15,20 +15,21 @@ from .base import Adapter, count_parameters, freeze, has_adapter
 from .comp_lora import CompLoRAAdapter, CompLoRAConfig, protected_rank
 from .full import FullFinetuneAdapter, FullFinetuneConfig
 from .lora import LoRAAdapter, LoRAConfig
-from .prompt import (BiomedCoOpAdapter, BiomedCoOpConfig, CoOpAdapter, CoOpConfig, KgCoOpAdapter,
-                     KgCoOpConfig)
+from .prompt import (BiomedCoOpAdapter, BiomedCoOpConfig, CoCoOpAdapter, CoCoOpConfig,
+                     CoOpAdapter, CoOpConfig, KgCoOpAdapter, KgCoOpConfig)
 from .svd import SVDAdapter, SVDConfig, TargetSelection
 
 ADAPTERS: dict[str, type[Adapter]] = {"clip_svd": SVDAdapter, "clip_lora": LoRAAdapter,
                                       "comp_lora": CompLoRAAdapter,
                                       "full_finetune": FullFinetuneAdapter, "coop": CoOpAdapter,
-                                      "kgcoop": KgCoOpAdapter, "biomedcoop": BiomedCoOpAdapter}
+                                      "kgcoop": KgCoOpAdapter, "biomedcoop": BiomedCoOpAdapter,
+                                      "cocoop": CoCoOpAdapter}
 CONFIGS: dict[str, Any] = {"clip_svd": SVDConfig, "clip_lora": LoRAConfig,
                            "comp_lora": CompLoRAConfig, "full_finetune": FullFinetuneConfig,
                            "coop": CoOpConfig, "kgcoop": KgCoOpConfig,
-                           "biomedcoop": BiomedCoOpConfig}
+                           "biomedcoop": BiomedCoOpConfig, "cocoop": CoCoOpConfig}
 # Adapters that put context into the prompts: they need the model's tokenizer to attach.
-PROMPT_LEARNERS = ("coop", "kgcoop", "biomedcoop")
+PROMPT_LEARNERS = ("coop", "cocoop", "kgcoop", "biomedcoop")
 
 
 def config_for(method: str, options: Mapping[str, Any] | Any = None) -> TargetSelection:

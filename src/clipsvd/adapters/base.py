@@ -68,6 +68,9 @@ class Adapter(ABC):
 
     # Whether training sets ``descriptions`` (per class, sentences) first (BiomedCoOp).
     needs_descriptions = False
+    # Whether every image has its own class prompts (CoCoOp): logits then come from
+    # ``conditioned_logits(loaded, class_names, templates, image_features, scale)``.
+    image_conditioned = False
 
     def extra_loss(self, loaded, class_names, text: torch.Tensor,
                    image_features: torch.Tensor | None = None,

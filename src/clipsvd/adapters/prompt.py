@@ -104,6 +104,7 @@ class CoOpAdapter(Adapter):
         self.base_fingerprint = base_fingerprint
         self.base_num_parameters = base_num_parameters
         self.injecting = True
+        self.row_shift: torch.Tensor | None = None  # CoCoOp: a shift of the context per row
 
     @contextlib.contextmanager
     def hand_written(self) -> Iterator[None]:
@@ -153,8 +154,13 @@ class CoOpAdapter(Adapter):
             return output
         # Which rows are the context's prompts, on the device: no host sync per step.
         rows = (tokens[:, span] == self.ids.to(tokens.device)).all(dim=1)
-        placed = torch.zeros_like(output[:1])
-        placed[:, span] = getattr(module, CONTEXT).to(output.dtype)
+        ctx = getattr(module, CONTEXT).to(output.dtype)
+        if self.row_shift is None:
+            placed = torch.zeros_like(output[:1])
+            placed[:, span] = ctx
+        else:  # every row its own context: ctx + its shift (one per text row)
+            placed = torch.zeros_like(output)
+            placed[:, span] = ctx.unsqueeze(0) + self.row_shift.to(output.dtype).unsqueeze(1)
         where = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
         where[:, span] = rows.unsqueeze(1)
         return torch.where(where.unsqueeze(-1), placed, output)
@@ -284,3 +290,79 @@ class BiomedCoOpAdapter(CoOpAdapter):
         sccm, kdsp = biomedcoop_terms(text, image_features, logits, descriptions, scale,
                                       self.config.tau)
         return self.config.sccm_lambda * sccm + self.config.kdsp_lambda * kdsp
+
+
+@dataclass
+class CoCoOpConfig(CoOpConfig):
+    label: ClassVar[str] = "CoCoOp"
+
+
+# Text rows per text-tower forward when scoring many images (each image has its own prompts).
+CONDITIONED_ROWS = 1024
+
+
+class CoCoOpAdapter(CoOpAdapter):
+    """CoOp whose context is shifted, per image, by a meta-network of that image's unit
+    feature (Linear(D, D/16), ReLU, Linear(D/16, width), float32): every image gets its own
+    class prompts, so its logits come from :meth:`conditioned_logits`, not from one text
+    feature per class."""
+
+    kind = "cocoop"
+    config_class = CoCoOpConfig
+    image_conditioned = True
+    META = "clipsvd_meta_net"  # the meta-network's name on the word-embedding module
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: Any = None,
+               tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> "CoCoOpAdapter":
+        adapter = super().attach(model, config, tokenizer=tokenizer)
+        embedding = model.get_submodule(adapter.embedding_path)
+        width = getattr(embedding, CONTEXT).shape[1]
+        with torch.no_grad():  # the joint space's size: what the text tower returns
+            dim = model.encode_text(tokenizer([""]).to(embedding.weight.device)).shape[-1]
+        hidden = max(1, dim // 16)
+        meta = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, width)).to(embedding.weight.device)
+        embedding.add_module(cls.META, meta)
+        return adapter
+
+    @property
+    def meta_net(self) -> nn.Module:
+        return self.model.get_submodule(f"{self.embedding_path}.{self.META}")
+
+    def conditioned_logits(self, loaded, class_names, templates, image_features: torch.Tensor,
+                           scale: torch.Tensor) -> torch.Tensor:
+        """B×C float32 logits: image i against the prompts built with ctx + meta(f_i)."""
+        from ..models import format_prompts
+
+        prompts = format_prompts(list(class_names), list(templates))
+        n_classes = len(class_names)
+        if len(prompts) != n_classes:
+            raise ModelError(f"{self.config.label} scores one prompt per class; got "
+                             f"{len(templates)} templates")
+        tokens = loaded.tokenizer(prompts).to(image_features.device)
+        feats = F.normalize(image_features.float(), dim=-1)
+        step = max(1, CONDITIONED_ROWS // n_classes)
+        out = []
+        for start in range(0, len(feats), step):
+            chunk = feats[start:start + step]
+            self.row_shift = self.meta_net(chunk).float().repeat_interleave(n_classes, dim=0)
+            try:
+                text = loaded.model.encode_text(tokens.repeat(len(chunk), 1))
+            finally:
+                self.row_shift = None
+            text = F.normalize(text.float(), dim=-1).reshape(len(chunk), n_classes, -1)
+            out.append(scale.float() * torch.einsum("bd,bcd->bc", chunk, text))
+        return torch.cat(out) if out else feats.new_zeros(0, n_classes)
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        trained = super().named_trainable()
+        trained.update({f"meta_net.{k}": p for k, p in self.meta_net.named_parameters()})
+        return trained
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = super().describe()
+        for name, p in self.meta_net.named_parameters():
+            rows.append({"encoder": "text", "layer": None, "matrix": f"meta_net.{name}",
+                         "shape": list(p.shape), "trained": p.numel()})
+        return rows

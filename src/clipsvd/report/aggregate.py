@@ -24,13 +24,14 @@ from ..io import read_json
 
 KEYS = ["dataset", "method", "setting", "shots"]
 METHOD_ORDER = ["zero_shot", "linear_probe", "lp_pp", "tip_adapter", "tip_adapter_f",
-                "clip_adapter", "coop", "kgcoop", "biomedcoop", "clip_lora", "comp_lora", "clip_svd",
+                "clip_adapter", "coop", "cocoop", "kgcoop", "biomedcoop", "clip_lora", "comp_lora", "clip_svd",
                 "full_finetune"]
 METHOD_LABELS = {"zero_shot": "Zero-shot", "linear_probe": "Linear probe", "clip_lora": "CLIP-LoRA",
                  "comp_lora": "Comp-LoRA", "clip_svd": "CLIP-SVD", "tip_adapter": "Tip-Adapter",
                  "tip_adapter_f": "Tip-Adapter-F", "lp_pp": "LP++", "clip_adapter": "CLIP-Adapter",
                  "full_finetune": "Full fine-tuning", "coop": "CoOp",
-                 "kgcoop": "KgCoOp", "biomedcoop": "BiomedCoOp"}
+                 "cocoop": "CoCoOp", "kgcoop": "KgCoOp",
+                 "biomedcoop": "BiomedCoOp"}
 SETTING_LABELS = {"few_shot": "Few-shot", "base_to_novel": "Base-to-novel"}
 REFERENCE = "clip_svd"
 AVERAGE = "Average"  # the dataset name of rows averaged over datasets

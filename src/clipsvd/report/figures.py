@@ -52,8 +52,9 @@ def _colors(methods) -> dict[str, str]:
                "comp_lora": "#9467bd", "clip_svd": "#d62728", "lp_pp": "#17becf",
                "tip_adapter": "#ff7f0e", "tip_adapter_f": "#8c564b", "clip_adapter": "#e377c2",
                "full_finetune": "#000000", "coop": "#bcbd22",
-               "kgcoop": "#7f7f7f", "biomedcoop": "#aec7e8"}
-    extra = iter(["#ffbb78", "#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2"])
+               "cocoop": "#ffbb78", "kgcoop": "#7f7f7f",
+               "biomedcoop": "#aec7e8"}
+    extra = iter(["#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d"])
     return {m: palette.get(m) or next(extra, "#000000") for m in methods}
 
 
