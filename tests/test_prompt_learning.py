@@ -249,7 +249,10 @@ def test_cocoop_trains_its_context_and_meta_network_and_saves_both(tmp_path):
     trained = adapter.named_trainable()
     assert set(trained) == {"ctx", "meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
                             "meta_net.2.bias"}
-    images = torch.rand(2, 3, loaded.image_size, loaded.image_size)
+    images = torch.rand(2, 3, loaded.image_size, loaded.image_size,
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # tiny-clip's meta-network has 2 hidden units: keep them active
+        adapter.meta_net[0].bias.fill_(1.0)
     feats = torch.nn.functional.normalize(loaded.model.encode_image(images), dim=-1)
     logits = adapter.conditioned_logits(loaded, CLASSES, adapter.prompt_templates([]), feats,
                                         torch.tensor(10.0))

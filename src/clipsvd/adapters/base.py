@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 from abc import ABC, abstractmethod
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Mapping
 
@@ -20,6 +21,17 @@ from torch import nn
 
 from ..errors import ModelError
 from ..io import write_safetensors
+
+
+def config_from_options(cls, data: Mapping[str, Any] | None) -> Any:
+    """An adapter config dataclass from plain options; unknown keys are one ModelError naming
+    them and the known ones (``cls.label`` names the method)."""
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    extra = sorted(set(data) - known)
+    if extra:
+        raise ModelError(f"unknown {cls.label} option(s) {extra}; known: {sorted(known)}")
+    return cls(**data)
 
 FORMAT_VERSION = "1"
 

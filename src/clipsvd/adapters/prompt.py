@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .base import Adapter, count_parameters, freeze
+from .base import Adapter, config_from_options, count_parameters, freeze
 
 CONTEXT = "clipsvd_context"  # the context vectors' name on the word-embedding module
 # Where open_clip models keep their text tower's word embeddings, in the order tried.
@@ -76,12 +76,7 @@ class CoOpConfig:
     def from_dict(cls, data: Mapping[str, Any] | "CoOpConfig" | None) -> "CoOpConfig":
         if isinstance(data, cls):
             return data
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(data) - known)
-        if extra:
-            raise ModelError(f"unknown {cls.label} option(s) {extra}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_options(cls, data)
 
     def template(self) -> str:
         return f"{self.ctx_init} {{}}."

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from .. import svd_cache
 from ..errors import ModelError
-from .base import Adapter, count_parameters, freeze, has_adapter
+from .base import Adapter, config_from_options, count_parameters, freeze, has_adapter
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,7 @@ class TargetSelection:
         if isinstance(data, TargetSelection):
             raise ModelError(f"a {type(data).__name__} cannot configure {cls.label}; pass a "
                              f"{cls.__name__} or plain options")
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(data) - known)
-        if extra:
-            raise ModelError(f"unknown {cls.label} option(s) {extra}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_options(cls, data)
 
     def expanded_matrices(self) -> tuple[str, ...]:
         chosen: set[str] = set()
