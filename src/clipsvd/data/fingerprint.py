@@ -19,7 +19,8 @@ PREPARATION_VERSION = 3  # 3: PIL modes as a viewer shows them; groups from colu
 PREPARATION_FIELDS = ("format", "root", "manifest", "medmnist", "split_file", "image_dir",
                       "columns", "groups", "preprocessing", "split", "class_names",
                       "exclude_pretrained_on")
-UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides", "settings")
+UNRELATED_FIELDS = ("name", "templates", "demo", "sampling", "overrides", "settings",
+                    "descriptions")  # BiomedCoOp's sentences: training, not the store
 
 
 def _plain(value: Any) -> Any:
