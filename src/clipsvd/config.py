@@ -512,12 +512,10 @@ def _check_semantics(raw: dict[str, Any], data: dict[str, Any], source: str) -> 
         if "biomedcoop" in data["methods"]:
             from .descriptions import description_path, read_descriptions
 
-            key = f"datasets.{i}.descriptions"
             try:
-                read_descriptions(description_path(dataset, key))
+                read_descriptions(description_path(dataset))
             except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}" if str(exc).startswith("key") else
-                                  f"{source}: key '{key}': {exc}") from None
+                raise ConfigError(f"{source}: key 'datasets.{i}.descriptions': {exc}") from None
         if dataset.get("exclude_pretrained_on"):
             from .data.holdout import packaged_hashes
 

@@ -18,39 +18,34 @@ from .errors import ConfigError
 SHIPPED = Path(__file__).resolve().parent / "resources" / "descriptions"
 
 
+def _get(dataset: Any, key: str) -> Any:
+    """A field of a DatasetConfig or of its raw mapping (the config check reads the latter)."""
+    return dataset.get(key) if isinstance(dataset, dict) else getattr(dataset, key, None)
+
+
 def shipped_file(dataset: Any) -> Path | None:
     """The description file clipsvd ships for a dataset, by what the dataset is (a MedMNIST
     flag, the demo generator), not by the name a study gives it; None if there is none."""
-    if getattr(dataset, "medmnist", None) is not None:
-        path = SHIPPED / f"{dataset.medmnist.flag}.yaml"
-    elif getattr(dataset, "demo", None) is not None:
+    medmnist = _get(dataset, "medmnist")
+    if medmnist:
+        path = SHIPPED / f"{_get(medmnist, 'flag')}.yaml"
+    elif _get(dataset, "demo"):
         path = SHIPPED / "demo.yaml"
     else:
         return None
     return path if path.is_file() else None
 
 
-def _get(dataset: Any, key: str) -> Any:
-    return dataset.get(key) if isinstance(dataset, dict) else getattr(dataset, key, None)
-
-
-def description_path(dataset: Any, key: str) -> Path:
-    """The file of a dataset (a DatasetConfig or its raw mapping): the one its config names,
-    else the shipped one; ``key`` names the config key in the message if there is neither."""
+def description_path(dataset: Any) -> Path:
+    """The file of a dataset: the one its config names, else the shipped one."""
     given = _get(dataset, "descriptions")
     if given:
         return Path(given)
-    if isinstance(dataset, dict):
-        from types import SimpleNamespace
-
-        medmnist = dataset.get("medmnist")
-        dataset = SimpleNamespace(medmnist=SimpleNamespace(**medmnist) if medmnist else None,
-                                  demo=dataset.get("demo"))
     shipped = shipped_file(dataset)
     if shipped is None:
-        raise ConfigError(f"key '{key}': BiomedCoOp needs class descriptions for this dataset "
-                          "and clipsvd ships none for it; write a YAML file (class name -> list "
-                          "of sentences, docs/studies.md) and give its path here")
+        raise ConfigError("BiomedCoOp needs class descriptions for this dataset and clipsvd "
+                          "ships none for it; write a YAML file (class name -> list of "
+                          "sentences, docs/studies.md) and give its path here")
     return shipped
 
 

@@ -185,8 +185,8 @@ def adapt(cfg: StudyConfig, dataset: str, method: str, split_path: Path, store_d
     model = loaded.model
     adapter = attach_adapter(method, model, settings, tokenizer=loaded.tokenizer)
     if adapter.needs_descriptions:  # checked against the split's classes before any training
-        adapter.descriptions = class_descriptions(
-            description_path(dataset_cfg, f"datasets[{dataset}].descriptions"), split["classes"])
+        adapter.descriptions = class_descriptions(description_path(dataset_cfg),
+                                                  split["classes"])
     templates = adapter.prompt_templates(dataset_cfg.templates)
     model_to_device(model, device)
     n_model = adapter.base_num_parameters
