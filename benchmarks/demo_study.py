@@ -1,12 +1,15 @@
 """Benchmark 4: the default study's wall time against the compute it does, from an empty results/.
 
     .venv/bin/python benchmarks/demo_study.py [--cores 2] [--modes worker own-process]
+    .venv/bin/python benchmarks/demo_study.py --modes worker --without coop
 
 For each mode, copies config/ into a new temporary directory (as tests/test_workflow.py does),
 runs ``snakemake --cores N`` there with this checkout's Snakefile, then runs it again (nothing
 to do). ``worker``: the jobs are forked from a warm worker (clipsvd.worker), started cold for
 the run in a folder of its own so no earlier worker helps; ``own-process``: CLIPSVD_WORKER=off,
-every job its own interpreter, as before issue 18.
+every job its own interpreter, as before issue 18. ``--without M ...``: the worker mode also
+run with those methods left out of the study (``--config methods=[...]``), right after, and the
+ratio of the two wall times printed: what adding the methods costs the whole study.
 
 Compute is what the jobs' work measured itself (clipsvd.timing: training loops, evaluation
 loops, interpretation, preparation, features, report, demo data), read from the last line of
@@ -44,7 +47,8 @@ def job_times(results: Path) -> dict[str, list[tuple[float, float]]]:
     return found
 
 
-def run_mode(mode: str, cores: int, keep: bool) -> dict[str, float]:
+def run_mode(mode: str, cores: int, keep: bool, methods: list[str] | None = None
+             ) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix=f"clipsvd-demo-study-{mode}-"))
     shutil.copytree(ROOT / "config", work / "config")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -52,10 +56,13 @@ def run_mode(mode: str, cores: int, keep: bool) -> dict[str, float]:
         env.pop(name, None)  # the study's own results/cache/svd and results/mlflow.db
     if mode == "own-process":
         env["CLIPSVD_WORKER"] = "off"
+    label = mode if methods is None else f"{mode}, methods {','.join(methods)}"
     else:
         env["CLIPSVD_WORKER_DIR"] = str(work / "workers")  # a cold worker of its own
     command = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"),
                "--directory", str(work), "--cores", str(cores)]
+    if methods is not None:
+        command += ["--config", f"methods=[{','.join(methods)}]"]
     figures = {}
     for label in ("study", "no-op rerun"):
         started = time.perf_counter()
@@ -67,7 +74,7 @@ def run_mode(mode: str, cores: int, keep: bool) -> dict[str, float]:
     figures["compute"] = sum(c for rows in jobs.values() for _, c in rows)
     figures["job time"] = sum(j for rows in jobs.values() for j, _ in rows)
     figures["jobs"] = sum(len(rows) for rows in jobs.values())
-    print(f"\n{mode}: {figures['jobs']} jobs, study {figures['study']:.1f} s wall, compute "
+    print(f"\n{label}: {figures['jobs']} jobs, study {figures['study']:.1f} s wall, compute "
           f"{figures['compute']:.1f} s, wall / compute {figures['study'] / figures['compute']:.2f}"
           f"; no-op rerun {figures['no-op rerun']:.1f} s")
     print(f"  {'step':<10} {'jobs':>4} {'job s':>8} {'compute s':>10} {'fixed s/job':>12}")
@@ -88,8 +95,24 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["worker", "own-process"],
                         choices=["worker", "own-process"])
     parser.add_argument("--keep", action="store_true", help="keep the temporary study folders")
+    parser.add_argument("--without", nargs="+", metavar="METHOD",
+                        help="also run the worker mode without these methods; print the ratio")
     args = parser.parse_args()
     figures = {mode: run_mode(mode, args.cores, args.keep) for mode in args.modes}
+    if args.without:
+        sys.path.insert(0, str(ROOT / "src"))
+        from clipsvd import config
+
+        listed = config.load(ROOT / "config" / "config.yaml").methods
+        unknown = sorted(set(args.without) - set(listed))
+        if unknown:
+            raise SystemExit(f"--without: {', '.join(unknown)} not in config/config.yaml's methods")
+        fewer = run_mode("worker", args.cores, args.keep,
+                         [m for m in listed if m not in args.without])
+        full = figures.get("worker") or run_mode("worker", args.cores, args.keep)
+        print(f"\nwith / without {', '.join(args.without)}: study wall "
+              f"{full['study'] / fewer['study']:.2f} x ({full['study']:.1f} s / "
+              f"{fewer['study']:.1f} s), compute {full['compute'] / fewer['compute']:.2f} x")
     if "worker" in figures:
         w = figures["worker"]
         print(f"\ntargets (worker): study <= 3 x compute ({w['study'] / w['compute']:.2f} x), "

@@ -104,3 +104,20 @@ def test_a_jobs_log_ends_with_its_wall_time_and_the_compute_it_did(tmp_path, run
     assert found, last
     job, compute, part = map(float, found.groups())
     assert 0 < part == compute <= job
+
+
+def test_ui_says_what_to_do_without_a_store_or_with_a_server(tmp_path, run_cli, monkeypatch):
+    """`clipsvd ui` serves a database store: before the study has run there is none, and a
+    tracking server has its own UI. One line each, naming the file or key; no server starts.
+    Catches: mlflow started on a missing store (it creates an empty one)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study = tmp_path / "study.yaml"
+    study.write_text((ROOT / "config" / "config.yaml").read_text())
+    code, err = run_cli("ui", "--config", study)
+    assert code != 0 and "no MLflow store yet; run the study" in err
+    assert str(tmp_path / "results" / "mlflow.db") in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
+    study.write_text(study.read_text().replace("uri: null", "uri: http://127.0.0.1:5999"))
+    code, err = run_cli("ui", "--config", study)
+    assert code != 0 and "key 'tracking.uri'" in err and "a server already" in err

@@ -16,7 +16,8 @@ def test_default_study_loads():
     cfg = config.load("config/config.yaml")
     assert cfg.study == "demo"
     assert cfg.shots == (1, 2, 4) and cfg.seeds == (1, 2)
-    assert cfg.methods == ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd")
+    assert cfg.methods == ("zero_shot", "linear_probe", "coop", "clip_lora", "comp_lora",
+                           "clip_svd")
     assert cfg.datasets[0].demo is not None
 
 

@@ -1,4 +1,5 @@
-"""The default study's MLflow store, served by `mlflow server` on 127.0.0.1: REST and UI."""
+"""The default study's MLflow store, served on 127.0.0.1 as `clipsvd ui` serves it (`mlflow
+server --app-name clipsvd`): REST and UI."""
 import json
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from browser import ARTIFACTS, WebDriver, ensure_chromedriver, ensure_chromium, run_chromium
-from clipsvd import tracking
+from clipsvd import config, tracking
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def server(local_default_study, tmp_path_factory):
     log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
     with open(log, "w") as handle:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server",
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "clipsvd",
              "--backend-store-uri", f"sqlite:///{results / 'mlflow.db'}",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=handle, stderr=subprocess.STDOUT, cwd=local_default_study)
@@ -119,7 +120,7 @@ def test_every_method_logs_the_parameters_that_compare_it(server, local_default_
     _, runs = experiment_runs(server)
     children = [r for r in runs if "mlflow.parentRunId" in tags_of(r)]
     assert {tags_of(r)["method"] for r in children} == {
-        "zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd"}
+        "zero_shot", "linear_probe", "coop", "clip_lora", "comp_lora", "clip_svd"}
     for run in children:
         tags, params = tags_of(run), params_of(run)
         method = tags["method"]
@@ -131,6 +132,8 @@ def test_every_method_logs_the_parameters_that_compare_it(server, local_default_
             assert SHARED <= set(params), (method, SHARED - set(params))
         if method in ("clip_lora", "comp_lora"):
             assert {"rank", "alpha", "dropout"} <= set(params)
+        if method == "coop":
+            assert {"n_ctx", "ctx_init", "lr", "epochs", "optimizer"} <= set(params)
         if method == "linear_probe":
             assert float(params["C"]) in json.loads(params["c_grid"])
         inputs = {d["dataset"]["name"]: {t["key"]: t["value"] for t in d.get("tags", [])}
@@ -142,7 +145,7 @@ def test_every_method_logs_the_parameters_that_compare_it(server, local_default_
         record = json.loads((local_default_study / tags["run_dir"] / "run.json").read_text())
         assert int(run["info"]["start_time"]) == int(record["timing"]["started_at"] * 1000)
         assert int(run["info"]["end_time"]) == int(record["timing"]["finished_at"] * 1000)
-        if method in ("clip_lora", "comp_lora", "clip_svd"):
+        if method in ("coop", "clip_lora", "comp_lora", "clip_svd"):
             train = json.loads((local_default_study / tags["run_dir"] / "train.json").read_text())
             assert record["timing"]["started_at"] == train["started_at"]
 
@@ -191,6 +194,65 @@ def open_view(page, url: str, ready: str) -> None:
                 "if (b) b.click();")
 
 
+def shown(value: float) -> str:
+    """How the runs table prints a metric logged as tracking.percent(value)."""
+    return f"{tracking.percent(value):g}"
+
+
+def on_screen(page, selector_js: str):
+    """innerText of the first element the JS expression finds, if it lies inside the window."""
+    return page.script(
+        f"const e = {selector_js}; if (!e) return null; const r = e.getBoundingClientRect();"
+        "return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth && r.top >= 0 && "
+        "r.bottom <= window.innerHeight ? e.innerText.trim() : null;")
+
+
+@pytest.mark.slow
+def test_first_click_from_the_experiment_list_opens_the_runs_by_method_and_k(
+        server, tmp_path_factory):
+    """A browser that never opened this UI, at 1600 × 1000: the experiment list, a click on the
+    study's experiment, and the runs page is on screen with the method column first and each
+    method's mean accuracy in % per K. Screenshot: test-artifacts/mlflow_first_click.png.
+    Catches: the GenAI overview (MLflow's default, whatever the experiment's tags say), a runs
+    page without metric columns (MLflow's default), raw fractions, the method off-screen."""
+    chromium, chromedriver = ensure_chromium(), ensure_chromedriver()
+    if chromium is None or chromedriver is None:
+        pytest.skip("chromium is not installed and could not be installed (apt-get install -y chromium)")
+    experiment, runs = experiment_runs(server)
+    with WebDriver(chromium, chromedriver, tmp_path_factory.mktemp("first-click") / "profile",
+                   1600, 1000) as page:
+        page.get(f"{server}/")
+        link = "[...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'demo')"
+        assert page.wait_for(f"return Boolean({link})", 90), page.text()[-2000:]
+        page.script(f"{link}.click();")
+        assert page.wait_for("return location.hash.includes('/runs') && "
+                             "document.querySelectorAll('[row-id]').length > 0", 90), \
+            page.script("return location.href")
+        page.script("const b = document.querySelector('button[data-component-id="
+                    "\"mlflow.assistant.chat_panel.close\"]'); if (b) b.click();")
+        header = ("[...document.querySelectorAll('[role=columnheader], .ag-header-cell')]"
+                  ".find(h => h.innerText.trim() === 'method')")
+        assert page.wait_for(f"return Boolean({header})", 30), page.script("return location.href")
+        assert on_screen(page, header) == "method"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(ARTIFACTS / "mlflow_first_click.png")
+        def at(run_id, column):  # the grid draws a row in several containers: any that has it
+            return f"document.querySelector('[row-id=\"{run_id}\"] [col-id=\"{column}\"]')"
+
+        parents = [r for r in runs if tracking.GROUP_KEY in tags_of(r)]
+        checked = 0
+        for parent in parents:
+            run_id, method = parent["info"]["run_id"], tags_of(parent)["method"]
+            assert on_screen(page, at(run_id, "params.`method`")) == method
+            metrics = metrics_of(parent)
+            if method == "zero_shot":
+                continue
+            assert on_screen(page, at(run_id, "metrics.`acc pct K1`")) == shown(
+                metrics["accuracy K1 mean"]), method
+            checked += 1
+        assert checked == 5
+
+
 def cell(page, run_id: str, column: str):
     return page.script("const c = document.querySelector(`[row-id=\"${arguments[0]}\"] "
                        "[col-id=\"${arguments[1]}\"]`); return c ? c.innerText.trim() : null;",
@@ -200,9 +262,9 @@ def cell(page, run_id: str, column: str):
 @pytest.mark.slow
 def test_runs_view_shows_child_accuracy_and_parent_aggregates(server, browser):
     """The experiment's runs view (a shared view clipsvd stores with it) lists the parents with
-    their mean accuracy per K and, expanded, the children with their accuracy. Screenshots:
-    test-artifacts/mlflow_runs.png and mlflow_run.png (one run's page). Catches: no metric
-    columns (MLflow's default), parents without aggregates, the GenAI overview."""
+    their mean accuracy per K and, expanded, the children with their accuracy, in % to two
+    decimals. Screenshots: test-artifacts/mlflow_runs.png and mlflow_run.png (one run's page).
+    Catches: no metric columns (MLflow's default), parents without aggregates, fractions."""
     experiment, runs = experiment_runs(server)
     links = tracking.ui_links(server, experiment["experiment_id"])
     # A plain link with the model-training switch opens on the runs, not the GenAI overview.
@@ -217,18 +279,20 @@ def test_runs_view_shows_child_accuracy_and_parent_aggregates(server, browser):
                             60, len(children))
     ARTIFACTS.mkdir(exist_ok=True)
     browser.screenshot(ARTIFACTS / "mlflow_runs.png")
-    shown = 0
+    count = 0
     for run in children:
-        text = cell(browser, run["info"]["run_id"], "metrics.`accuracy`")
+        text = cell(browser, run["info"]["run_id"], "metrics.`acc pct`")
         if text is None:  # a row outside the rendered part of the table
             continue
-        assert float(text) == pytest.approx(metrics_of(run)["accuracy"], abs=1e-6)
-        shown += 1
-    assert shown >= len(children) // 2
+        assert text == shown(metrics_of(run)["accuracy"])
+        count += 1
+    assert count >= len(children) // 2
     parents = [r for r in runs if tracking.GROUP_KEY in tags_of(r)]
     svd = next(r for r in parents if tags_of(r)["method"] == "clip_svd")
-    text = cell(browser, svd["info"]["run_id"], "metrics.`accuracy K1 mean`")
-    assert float(text) == pytest.approx(metrics_of(svd)["accuracy K1 mean"], abs=1e-6)
+    assert cell(browser, svd["info"]["run_id"], "metrics.`acc pct K1`") == shown(
+        metrics_of(svd)["accuracy K1 mean"])
+    assert cell(browser, svd["info"]["run_id"], "metrics.`sd K1`") == shown(
+        metrics_of(svd)["accuracy K1 std"])
     run = next(r for r in children if tags_of(r)["method"] == "clip_svd")
     open_view(browser, f"{server}/#/experiments/{experiment['experiment_id']}/runs/"
                        f"{run['info']['run_id']}?workflowType=machine_learning",
@@ -239,28 +303,34 @@ def test_runs_view_shows_child_accuracy_and_parent_aggregates(server, browser):
 
 
 @pytest.mark.slow
-def test_chart_view_plots_accuracy_against_shots(server, browser):
-    """The comparison view (runs grouped by method and shots, averaged over seeds) plots
-    accuracy against shots: one point per (method, K) at the mean accuracy of its seeds.
-    Screenshot: test-artifacts/mlflow_compare.png. Catches: a view without that chart, the
-    chart on another axis, averages that are not over the seeds."""
+def test_chart_view_plots_accuracy_against_shots(server, browser, local_default_study):
+    """The comparison view draws one line per method (its parent run, its own colour) through
+    the report's mean accuracy (%) at each K; zero-shot flat. Screenshot:
+    test-artifacts/mlflow_compare.png. Catches: a view without that chart, a line per (method,
+    K), values other than the report's, no curve logged by the report."""
     experiment, runs = experiment_runs(server)
     links = tracking.ui_links(server, experiment["experiment_id"])
-    ready = ("return [...document.querySelectorAll('.js-plotly-plot')].some(p => p.layout && "
-             "p.layout.xaxis && JSON.stringify(p.layout.xaxis.title || '').includes('shots'))")
+    ready = ("return [...document.querySelectorAll('.js-plotly-plot')].some(p => p.data && "
+             "p.data.length >= 5 && p.data.every(t => t.x && t.x.length))")
     open_view(browser, links[tracking.SHOTS_VIEW], ready)
-    points = browser.script(
-        "const p = [...document.querySelectorAll('.js-plotly-plot')].find(p => "
-        "JSON.stringify(p.layout.xaxis.title || '').includes('shots'));"
-        "return p.data.flatMap(t => t.x.map((x, i) => [x, t.y[i]]));")
-    expected = {}
-    for run in runs:
-        tags = tags_of(run)
-        if "mlflow.parentRunId" in tags:
-            expected.setdefault((tags["method"], int(tags["shots"])), []).append(
-                metrics_of(run)["accuracy"])
-    want = sorted((k, round(sum(v) / len(v), 6)) for (_, k), v in expected.items())
-    got = sorted((int(x), round(y, 6)) for x, y in points if x is not None)
+    lines = browser.script(
+        "const p = [...document.querySelectorAll('.js-plotly-plot')].find(p => p.data && "
+        "p.data.length >= 5);"
+        "return p.data.filter(t => t.x && t.x.length).map(t => [t.name, t.x, t.y, "
+        "(t.marker || {}).color]);")
+    table = local_default_study / "results" / "report" / "demo" / "accuracy.csv"
+    curves = tracking.report_curves(table)
+    parents = {r["info"]["run_name"]: tags_of(r)["method"] for r in runs
+               if tracking.GROUP_KEY in tags_of(r)}
+    got, colors = {}, {}
+    for name, x, y, color in lines:
+        method = next(m for n, m in parents.items() if name.startswith(n[:20]))
+        got[method] = dict(zip([int(v) for v in x], [round(v, 2) for v in y]))
+        colors.setdefault(method, set()).add(color[:7].lower())  # its faint copy: + alpha
+    # Each method its report colour (MLflow's own colours, a hash of the run id, repeat).
+    assert colors == {m: {config.METHOD_COLORS[m]} for m in colors}
+    want = {method: points for (_, method, _), points in curves.items()}
     assert got == want
+    assert len(set(want["zero_shot"].values())) == 1 and len(want["zero_shot"]) == 3
     ARTIFACTS.mkdir(exist_ok=True)
     browser.screenshot(ARTIFACTS / "mlflow_compare.png")

@@ -573,15 +573,20 @@ def test_no_unsafe_deserialisation_in_the_package():
 def test_mlflow_instructions_bind_to_localhost():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     commands = [line for line in readme.splitlines()  # command lines, not prose
-                if re.match(r"\s*(\S*/)?mlflow (ui|server)\b", line)]
+                if re.match(r"\s*(\S*/)?(mlflow (ui|server)|clipsvd ui)\b", line)]
     assert commands
-    for line in commands:
-        assert "--host 127.0.0.1" in line, line
+    for line in commands:  # clipsvd ui's default host is checked below
+        assert "--host 127.0.0.1" in line or ("clipsvd ui" in line and "--host" not in line), line
     assert "0.0.0.0" not in readme
     for path, tree in _python_sources():
         text = path.read_text(encoding="utf-8")
         assert "0.0.0.0" not in text, path
         assert not re.search(r"mlflow.{0,20}\b(ui|server)\b.{0,40}--host", text), path
+    # `clipsvd ui`, the one server the package starts, listens on this machine unless told.
+    from clipsvd import cli
+
+    ui = cli.build_parser()._subparsers._group_actions[0].choices["ui"]
+    assert ui.get_default("host") == "127.0.0.1"
 
 
 def _name_pattern_of_the_workflow() -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from clipsvd import layout, tracking
+from clipsvd import config, layout, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,18 +207,84 @@ def test_parent_run_holds_mean_and_std_over_seeds_per_shot_count(in_tmp):
     assert "accuracy K1 std" not in metrics
     assert parent.data.params == {"dataset": "ds", "method": "clip_svd", "setting": "few_shot"}
     assert parent.info.end_time == int((STARTED + 2 + 90.5) * 1000)  # the last child's end
-    # The experiment's shared views show those aggregates and plot accuracy against shots.
+    # In % to two decimals, under names the runs table does not cut.
+    assert metrics["acc pct K2"] == 60.0 and metrics["sd K2"] == 14.14
+    assert metrics["acc pct K1"] == 40.0 and "sd K1" not in metrics
+    # Coloured as the report colours the method, parent and children alike.
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {r.data.tags[tracking.RUN_COLOR] for r in [parent, *children]} == {
+        config.METHOD_COLORS["clip_svd"]}
+    # The experiment's shared views: method first, then dataset and K, then those percentages;
+    # the chart view's line chart of the report's curves against K.
     views = client.get_experiment(experiment.experiment_id).tags
     runs_view = json.loads(views[tracking.VIEW_TAG + tracking.RUNS_VIEW])
-    assert {"metrics.`accuracy`", "params.`shots`", "metrics.`accuracy K1 mean`",
-            "metrics.`accuracy K2 std`"} <= set(runs_view["selectedColumns"])
+    assert runs_view["columnOrder"][:3] == ["params.`method`", "params.`dataset`",
+                                            "params.`shots`"]
+    assert {"metrics.`acc pct`", "metrics.`acc pct K1`", "metrics.`acc pct K2`",
+            "metrics.`sd K2`"} <= set(runs_view["selectedColumns"])
     (chart,) = json.loads(views[tracking.VIEW_TAG + tracking.SHOTS_VIEW])["compareRunCharts"]
-    assert chart["xaxis"] == {"key": "shots", "type": "PARAM"}
-    assert chart["yaxis"] == {"key": "accuracy", "type": "METRIC"}
+    assert chart["type"] == "LINE" and chart["xAxisKey"] == "step"
+    assert chart["metricKey"] == tracking.CURVE_METRIC
     # A superseding result replaces its seed in the aggregate.
     tracking.mirror_run(make_run(in_tmp, 0.9, seed=2), tags(2), None, True)
     metrics = client.get_run(parent.info.run_id).data.metrics
     assert metrics["accuracy K2 mean"] == pytest.approx(0.7) and metrics["n_seeds K2"] == 2
+
+
+def test_child_runs_carry_accuracy_in_percent(in_tmp):
+    record = tracking.mirror_run(make_run(in_tmp, accuracy=0.123456), tags(), None, True)
+    metrics = mlflow.MlflowClient(tracking.tracking_uri(None)).get_run(record["run_id"]).data.metrics
+    assert metrics["acc pct"] == 12.35 and metrics["accuracy"] == 0.123456
+
+
+def write_table(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("dataset,method,setting,shots,mean,std,n_seeds\n" + "".join(
+        f"ds,{method},few_shot,{shots},{mean},0,1\n" for method, shots, mean in rows))
+
+
+def test_report_curves_put_zero_shot_flat_at_every_k(tmp_path):
+    table = tmp_path / "accuracy.csv"
+    write_table(table, [("zero_shot", 0, 0.3), ("clip_svd", 1, 0.5), ("clip_svd", 4, 0.61234)])
+    assert tracking.report_curves(table) == {
+        ("ds", "zero_shot", "few_shot"): {1: 30.0, 4: 30.0},
+        ("ds", "clip_svd", "few_shot"): {1: 50.0, 4: 61.23}}
+
+
+def test_report_logs_each_parents_curve_once_and_renews_a_changed_one(in_tmp):
+    """The report puts the mean accuracy per K on each parent as a metric history (step = K).
+    The same report again logs nothing; a changed one moves the children to a fresh parent
+    with the new curve, so no K ever has two points. Catches: a curve logged twice, changed
+    values appended to the old history, children left on a superseded parent."""
+    for seed, shots in ((1, 1), (2, 1), (1, 2)):
+        tracking.mirror_run(make_run(in_tmp, 0.5, seed=seed, shots=shots),
+                            tags(seed, shots), None, True)
+    client = mlflow.MlflowClient(tracking.tracking_uri(None))
+    experiment = client.get_experiment_by_name("st").experiment_id
+    report = in_tmp / "report"
+    write_table(report / layout.REPORT_TABLE, [("clip_svd", 1, 0.5), ("clip_svd", 2, 0.5)])
+
+    def parent_and_curve():
+        (parent,) = client.search_runs([experiment],
+                                       filter_string=f"tags.`{tracking.GROUP_KEY}` != ''")
+        history = client.get_metric_history(parent.info.run_id, tracking.CURVE_METRIC)
+        return parent.info.run_id, sorted((m.step, m.value) for m in history)
+
+    tracking.mirror_report("st", report, None, True)
+    first, curve = parent_and_curve()
+    assert curve == [(1, 50.0), (2, 50.0)]
+    tracking.mirror_report("st", report, None, True)
+    assert parent_and_curve() == (first, curve)
+    write_table(report / layout.REPORT_TABLE, [("clip_svd", 1, 0.5), ("clip_svd", 2, 0.75)])
+    tracking.mirror_report("st", report, None, True)
+    second, curve = parent_and_curve()
+    assert second != first and curve == [(1, 50.0), (2, 75.0)]
+    assert client.get_run(first).info.lifecycle_stage == "deleted"
+    children = client.search_runs([experiment], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{second}' and tags.`{tracking.SUPERSEDED}` = 'false'"))
+    assert len(children) == 3
+    assert client.get_run(second).data.metrics["n_seeds K1"] == 2
 
 
 def test_run_params_share_names_across_methods():

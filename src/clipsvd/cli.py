@@ -201,6 +201,34 @@ def cmd_sync(args) -> None:
     sync(cfg.study, cfg.tracking.uri)
 
 
+def cmd_ui(args) -> None:
+    import shutil
+    import subprocess
+
+    from .tracking import tracking_uri
+
+    cfg = _config(args)
+    uri = tracking_uri(cfg.tracking.uri)
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise ClipsvdError(f"{args.config}: key 'tracking.uri' is {uri}, a server already; open "
+                           "its UI in the browser (clipsvd ui serves a database store)")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise ClipsvdError(f"{uri.removeprefix('sqlite:///')}: no MLflow store yet; run the "
+                           "study (snakemake ... --configfile " + str(args.config) + ") first")
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if mlflow is None:
+        raise ClipsvdError("the `mlflow` command is not installed in this environment; run "
+                           "`python3 dev.py test` once (it makes .venv) or `pip install mlflow`")
+    print(f"MLflow UI of study '{cfg.study}': http://{args.host}:{args.port}/ "
+          "(Ctrl-C stops it)", flush=True)
+    command = [mlflow, "server", "--app-name", "clipsvd", "--backend-store-uri", uri,
+               "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
 def cmd_report(args) -> None:
     from .report import build_report
     from .tracking import mirror_report
@@ -327,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("interpret", cmd_interpret, "which singular values of a CLIP-SVD run moved, and what "
         "its most changed heads mean in words", run_step=True)
     add("sync", cmd_sync, "log every run folder of the study that MLflow lacks")
+    p = add("ui", cmd_ui, "serve the study's MLflow store in MLflow's UI, opening on the runs "
+            "view (method, K, accuracy in %)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
+                   "127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p = add("report", cmd_report, "tables, figures, statistics and an HTML page of a study's "
                                   "runs, logged to MLflow")
     p.add_argument("--out-dir", required=True, metavar="DIR",

@@ -23,6 +23,12 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "schema.yaml"
 METHODS = ("zero_shot", "linear_probe", "clip_lora", "comp_lora", "clip_svd", "tip_adapter",
            "tip_adapter_f", "lp_pp", "clip_adapter", "full_finetune", "coop", "cocoop", "kgcoop",
            "biomedcoop")
+# One colour per method, in the report's figures and for its runs in the MLflow UI.
+METHOD_COLORS = {"zero_shot": "#555555", "linear_probe": "#1f77b4", "clip_lora": "#2ca02c",
+                 "comp_lora": "#9467bd", "clip_svd": "#d62728", "lp_pp": "#17becf",
+                 "tip_adapter": "#ff7f0e", "tip_adapter_f": "#8c564b", "clip_adapter": "#e377c2",
+                 "full_finetune": "#000000", "coop": "#bcbd22", "cocoop": "#ffbb78",
+                 "kgcoop": "#7f7f7f", "biomedcoop": "#aec7e8"}
 # Methods that train with an adapter (full_finetune: every weight, the ablations' reference;
 # coop, cocoop, kgcoop, biomedcoop: context vectors in the prompts).
 ADAPTER_METHODS = ("clip_lora", "comp_lora", "clip_svd", "full_finetune", "coop", "cocoop",

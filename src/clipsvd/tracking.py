@@ -36,6 +36,17 @@ IDENTITY = ("dataset", "method", "setting", "shots", "seed", "model")
 # Summarised over seeds on each parent run, per shot count (those a run has).
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece",
                     "base_accuracy", "novel_accuracy")
+# What a researcher reads in the UI: accuracies in % to 2 decimals, under names the runs table
+# does not cut (MLflow allows no '%' in a name). Children: the name below; parents per K:
+# 'acc pct K<k>' (mean over seeds), 'sd K<k>' (sample std), 'n_seeds K<k>'.
+PERCENT_METRICS = {"accuracy": "acc pct", "base_accuracy": "base pct",
+                   "novel_accuracy": "novel pct"}
+# Each parent's curve, logged from the report: its metric history is the mean accuracy (%)
+# over seeds with step = K (zero-shot flat at every K), a line per method in the chart view.
+CURVE_METRIC = "mean acc pct"
+# The run tag MLflow's UI colours a run by (else a hash of its id): the report's colour of its
+# method, so a method keeps one colour across K, runs and charts.
+RUN_COLOR = "mlflow.runColor"
 # The experiment tag older MLflow UIs read to open an experiment on its runs rather than on the
 # GenAI overview; MLflow 3.17's UI decides by its workflow switch instead (`?workflowType=`).
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -124,21 +135,28 @@ def _supersede(client, run_id: str) -> None:
     client.delete_run(run_id)
 
 
+def _color(method: str) -> dict[str, str]:
+    from .config import METHOD_COLORS
+
+    return {RUN_COLOR: METHOD_COLORS[method]} if method in METHOD_COLORS else {}
+
+
 def _parent_run(client, experiment_id: str, tags: dict[str, str],
-                start_time: int | None) -> str:
+                start_time: int | None, reuse: bool = True) -> str:
     from mlflow.entities import Param
 
     group = "/".join(tags[k] for k in ("dataset", "method", "setting"))
     found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_KEY}` = '{group}'",
-                               max_results=1)
+                               max_results=1) if reuse else []
     if found:
         return found[0].info.run_id
     # The method first: the runs table cuts long names.
     run = client.create_run(experiment_id, run_name=" · ".join(
                                 tags[k] for k in ("method", "setting", "dataset")),
                             start_time=start_time,
-                            tags={GROUP_KEY: group, **{k: tags[k] for k in
-                                  ("study", "dataset", "method", "setting", "model")}})
+                            tags={GROUP_KEY: group, **_color(tags["method"]), **{
+                                k: tags[k] for k in
+                                ("study", "dataset", "method", "setting", "model")}})
     # Only what never changes for the group is a parameter (MLflow parameters are immutable).
     client.log_batch(run.info.run_id, params=[
         Param(k, tags[k]) for k in ("dataset", "method", "setting")])
@@ -170,6 +188,10 @@ def _update_parent(client, experiment_id: str, parent_id: str) -> None:
             values[f"{name} K{shots} mean"] = statistics.fmean(found)
             if len(found) > 1:
                 values[f"{name} K{shots} std"] = statistics.stdev(found)
+            if name == "accuracy":
+                values[f"acc pct K{shots}"] = percent(values[f"{name} K{shots} mean"])
+                if len(found) > 1:
+                    values[f"sd K{shots}"] = percent(values[f"{name} K{shots} std"])
     parent = client.get_run(parent_id)
     now = int(time.time() * 1000)
     changed = [Metric(k, v, now, 0) for k, v in sorted(values.items())
@@ -180,33 +202,35 @@ def _update_parent(client, experiment_id: str, parent_id: str) -> None:
     client.set_terminated(parent_id, "FINISHED", end_time=max(ends) if ends else None)
 
 
+def percent(fraction: float) -> float:
+    return round(100 * fraction, 2)
+
+
 def _shared_views(shots: list[int]) -> dict[str, dict[str, Any]]:
     """The experiment's ready-made views of MLflow's runs page (opened with
-    ``?viewStateShareKey=<key>``, README "MLflow"): RUNS_VIEW, a table whose columns are the
-    comparing parameters, the children's headline metrics and the parents' mean and std per
-    K; SHOTS_VIEW, the chart view with runs grouped by (method, shots), averaged over seeds,
-    and accuracy plotted against shots."""
-    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
-    columns = ([f"params.`{k}`" for k in ("method", "shots", "seed", "model")]
-               + [f"metrics.`{m}`" for m in metrics]
-               + [f"metrics.`accuracy K{k} {stat}`" for k in shots for stat in ("mean", "std")]
+    ``?viewStateShareKey=<key>``; `clipsvd ui` opens RUNS_VIEW at the first click, README
+    "MLflow"): RUNS_VIEW, a table whose first columns are the method, the dataset and K, then
+    the children's accuracy in % and the parents' mean, std and seed count per K (a row per
+    method and dataset, readable as method × K); SHOTS_VIEW, the chart view with one line per
+    (dataset, method, setting): the report's mean accuracy (%) against K."""
+    columns = ([f"params.`{k}`" for k in ("method", "dataset", "shots", "seed")]
+               + [f"metrics.`{m}`" for m in PERCENT_METRICS.values()]
+               + [f"metrics.`acc pct K{k}`" for k in shots]
+               + [f"metrics.`sd K{k}`" for k in shots]
                + [f"metrics.`n_seeds K{k}`" for k in shots])
+    table = {"selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL"}
     section = {"uuid": "clipsvd-accuracy-vs-shots", "name": "Accuracy against shots",
                "display": True, "isReordered": False, "deleted": False, "isGenerated": False}
-    chart = {"uuid": "clipsvd-accuracy-vs-shots-chart", "type": "SCATTER",
-             "metricSectionId": section["uuid"], "runsCountToCompare": 100, "deleted": False,
-             "isGenerated": False, "displayName": "accuracy (mean over seeds) against shots",
-             "xaxis": {"key": "shots", "type": "PARAM"},
-             "yaxis": {"key": "accuracy", "type": "METRIC"}}
+    chart = {"uuid": "clipsvd-accuracy-vs-shots-chart", "type": "LINE",
+             "metricSectionId": section["uuid"], "runsCountToCompare": 500, "deleted": False,
+             "isGenerated": False, "metricKey": CURVE_METRIC, "selectedMetricKeys": [CURVE_METRIC],
+             "displayName": "mean accuracy (%) against K (the x axis' step is K)",
+             "xAxisKey": "step", "scaleType": "linear", "lineSmoothness": 0,
+             "displayPoints": True}
     return {
-        RUNS_VIEW: {"selectedColumns": columns, "runsHiddenMode": "SHOW_ALL"},
-        SHOTS_VIEW: {"selectedColumns": columns, "runsHiddenMode": "SHOW_ALL",
-                     "groupBy": {"aggregateFunction": "average", "groupByKeys": [
-                         {"mode": "param", "groupByData": "method"},
-                         {"mode": "param", "groupByData": "shots"}]},
-                     "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
-                     "compareRunSections": [section], "compareRunCharts": [chart],
-                     "isAccordionReordered": True},
+        RUNS_VIEW: table,
+        SHOTS_VIEW: {**table, "hideEmptyCharts": True, "compareRunSections": [section],
+                     "compareRunCharts": [chart], "isAccordionReordered": True},
     }
 
 
@@ -293,7 +317,8 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
             name += f" seed={tags['seed']}"
         name += f" · {tags['dataset']}"
         run = client.create_run(experiment_id, run_name=name, start_time=start_time, tags={
-            **tags, RUN_KEY: run_key, CONTENT: content, SUPERSEDED: "false",
+            **tags, **_color(tags["method"]), RUN_KEY: run_key, CONTENT: content,
+            SUPERSEDED: "false",
             "mlflow.parentRunId": parent, "run_dir": str(run_dir)})
         run_id = run.info.run_id
         try:
@@ -306,6 +331,8 @@ def log_run_folder(run_dir: Path, tags: dict[str, str], uri: str,
             finished = end_time or started
             final = [Metric(k, float(v), finished, 0) for k, v in metrics.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            final += [Metric(short, percent(metrics[name]), finished, 0)
+                      for name, short in PERCENT_METRICS.items() if name in metrics]
             for key in ("steps_per_second", "train_seconds", "loader_fraction",
                         "peak_memory_mb"):
                 if key in summary:
@@ -406,8 +433,63 @@ def attach_artifacts(run_dir: Path, folder: Path, enabled: bool) -> None:
 REPORT_TAG = "clipsvd.report"
 
 
+def report_curves(table: Path) -> dict[tuple[str, str, str], dict[int, float]]:
+    """Mean accuracy (%) over seeds per K of every (dataset, method, setting) in the report's
+    accuracy table (base-to-novel: the harmonic mean); zero-shot, which has no K, at each K of
+    its dataset and setting."""
+    curves: dict[tuple[str, str, str], dict[int, float]] = {}
+    with open(table, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            key = (row["dataset"], row["method"], row["setting"])
+            curves.setdefault(key, {})[int(row["shots"])] = percent(float(row["mean"]))
+    for (dataset, method, setting), points in curves.items():
+        if method == "zero_shot" and set(points) == {0}:
+            shots = {k for (d, m, s), p in curves.items() if (d, s) == (dataset, setting)
+                     and m != "zero_shot" for k in p}
+            curves[dataset, method, setting] = {k: points[0] for k in sorted(shots) or [0]}
+    return curves
+
+
+def _renew_parent(client, experiment_id: str, old) -> str:
+    """A fresh parent for the group of ``old``, its current children moved to it and ``old``
+    superseded: MLflow cannot delete a metric's history, and a curve whose values changed
+    would otherwise hold two points at one K."""
+    tags = {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.")}
+    new = _parent_run(client, experiment_id, tags, old.info.start_time, reuse=False)
+    children = client.search_runs(
+        [experiment_id], max_results=50000,
+        filter_string=f"tags.`mlflow.parentRunId` = '{old.info.run_id}'")
+    for child in children:
+        client.set_tag(child.info.run_id, "mlflow.parentRunId", new)
+    _supersede(client, old.info.run_id)
+    _update_parent(client, experiment_id, new)
+    return new
+
+
+def _log_curves(client, experiment_id: str, table: Path) -> None:
+    """Each parent's curve (CURVE_METRIC, step = K) from the report's accuracy table; a parent
+    whose curve is already there is left alone, one whose values changed is renewed."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    for (dataset, method, setting), points in sorted(report_curves(table).items()):
+        found = client.search_runs([experiment_id], max_results=1, filter_string=(
+            f"tags.`{GROUP_KEY}` = '{dataset}/{method}/{setting}'"))
+        if not found:
+            continue
+        parent = found[0].info.run_id
+        logged = {m.step: m.value for m in client.get_metric_history(parent, CURVE_METRIC)}
+        if logged == points:
+            continue
+        if logged:
+            parent = _renew_parent(client, experiment_id, found[0])
+        client.log_batch(parent, metrics=[Metric(CURVE_METRIC, value, now, shots)
+                                          for shots, value in sorted(points.items())])
+
+
 def mirror_report(study: str, report_dir: Path, uri: str | None, enabled: bool) -> dict[str, Any]:
-    """Log the report folder to a study-level MLflow run (older report runs are superseded)."""
+    """Log the report folder to a study-level MLflow run (older report runs are superseded)
+    and each parent's accuracy-against-K curve from its accuracy table."""
     if not enabled:
         return {"status": "disabled"}
     resolved = tracking_uri(uri)
@@ -425,6 +507,8 @@ def mirror_report(study: str, report_dir: Path, uri: str | None, enabled: bool) 
                 REPORT_TAG: "true", SUPERSEDED: "false", "study": study})
             client.log_artifacts(run.info.run_id, str(report_dir), artifact_path="report")
             client.set_terminated(run.info.run_id, "FINISHED")
+            if (report_dir / layout.REPORT_TABLE).exists():
+                _log_curves(client, experiment_id, report_dir / layout.REPORT_TABLE)
         return {"status": "logged", "run_id": run.info.run_id, "tracking_uri": resolved}
     except Exception as exc:  # noqa: BLE001 - the report on disk is what matters
         reason = skip_reason(exc)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .. import layout
+from ..config import METHOD_COLORS
 from ..io import atomic_path, read_json
 from .aggregate import AVERAGE, SETTING_LABELS, method_label, method_rank
 
@@ -48,14 +49,8 @@ def save_figure(fig, path: Path, vector: bool = True) -> list[Path]:
 
 
 def _colors(methods) -> dict[str, str]:
-    palette = {"zero_shot": "#555555", "linear_probe": "#1f77b4", "clip_lora": "#2ca02c",
-               "comp_lora": "#9467bd", "clip_svd": "#d62728", "lp_pp": "#17becf",
-               "tip_adapter": "#ff7f0e", "tip_adapter_f": "#8c564b", "clip_adapter": "#e377c2",
-               "full_finetune": "#000000", "coop": "#bcbd22",
-               "cocoop": "#ffbb78", "kgcoop": "#7f7f7f",
-               "biomedcoop": "#aec7e8"}
     extra = iter(["#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d"])
-    return {m: palette.get(m) or next(extra, "#000000") for m in methods}
+    return {m: METHOD_COLORS.get(m) or next(extra, "#000000") for m in methods}
 
 
 def _figure_legend(fig, axes) -> None:
