@@ -56,9 +56,9 @@ def run_mode(mode: str, cores: int, keep: bool, methods: list[str] | None = None
         env.pop(name, None)  # the study's own results/cache/svd and results/mlflow.db
     if mode == "own-process":
         env["CLIPSVD_WORKER"] = "off"
-    label = mode if methods is None else f"{mode}, methods {','.join(methods)}"
     else:
         env["CLIPSVD_WORKER_DIR"] = str(work / "workers")  # a cold worker of its own
+    label = mode if methods is None else f"{mode}, methods {','.join(methods)}"
     command = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"),
                "--directory", str(work), "--cores", str(cores)]
     if methods is not None:
