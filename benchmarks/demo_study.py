@@ -58,7 +58,7 @@ def run_mode(mode: str, cores: int, keep: bool, methods: list[str] | None = None
         env["CLIPSVD_WORKER"] = "off"
     else:
         env["CLIPSVD_WORKER_DIR"] = str(work / "workers")  # a cold worker of its own
-    label = mode if methods is None else f"{mode}, methods {','.join(methods)}"
+    title = mode if methods is None else f"{mode}, methods {','.join(methods)}"
     command = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"),
                "--directory", str(work), "--cores", str(cores)]
     if methods is not None:
@@ -74,7 +74,7 @@ def run_mode(mode: str, cores: int, keep: bool, methods: list[str] | None = None
     figures["compute"] = sum(c for rows in jobs.values() for _, c in rows)
     figures["job time"] = sum(j for rows in jobs.values() for j, _ in rows)
     figures["jobs"] = sum(len(rows) for rows in jobs.values())
-    print(f"\n{label}: {figures['jobs']} jobs, study {figures['study']:.1f} s wall, compute "
+    print(f"\n{title}: {figures['jobs']} jobs, study {figures['study']:.1f} s wall, compute "
           f"{figures['compute']:.1f} s, wall / compute {figures['study'] / figures['compute']:.2f}"
           f"; no-op rerun {figures['no-op rerun']:.1f} s")
     print(f"  {'step':<10} {'jobs':>4} {'job s':>8} {'compute s':>10} {'fixed s/job':>12}")
