@@ -13,8 +13,8 @@ prints each check as PASS / FAIL / SKIP with the figures it compared:
 3. float32 logits under bf16 autocast (``clipsvd.train.class_logits``), against float32;
 4. the batched training crops on the GPU against the same crops on the CPU;
 5. an out-of-memory error of the GPU is recognised and named (``clipsvd.devices``);
-6. a tiny study through Snakemake (the demo data and model, all five methods, K = 1, seeds
-   1 and 2, interpretation and report) with ``device: cuda`` and ``precision: bf16``, and in
+6. a tiny study through Snakemake (the demo data and model, the default study's methods,
+   K = 1, seeds 1 and 2, interpretation and report) with ``device: cuda`` and ``precision: bf16``, and in
    its results: every GPU job (features, adapt, evaluate, interpret) claimed a GPU slot and
    computed on the GPU, training ran in bf16 with finite losses, every run was evaluated, the
    report was built;
@@ -199,12 +199,15 @@ def check_out_of_memory(checks: Checks, device) -> None:
 
 
 def write_study(work: Path, device: str) -> dict:
+    from clipsvd.config import ADAPTER_METHODS
+
     shutil.copytree(ROOT / "config", work / "config", dirs_exist_ok=True)
     path = work / "config" / "config.yaml"
     study = yaml.safe_load(path.read_text())
     study.update(study="first_run", device=device, shots=[1], seeds=[1, 2], threads=2)
-    for method in ("clip_svd", "clip_lora", "comp_lora"):
-        study.setdefault(method, {})["precision"] = "bf16"
+    for method in study["methods"]:
+        if method in ADAPTER_METHODS:
+            study.setdefault(method, {})["precision"] = "bf16"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return study
 
@@ -262,9 +265,10 @@ def check_study(checks: Checks, work: Path, rehearsal: bool, gpus: int) -> None:
     accuracies = [json.loads(p.read_text())["accuracy"] for p in metrics]
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("run.json"))]
     eval_devices = sorted({r["provenance"]["device"] for r in records})
-    checks.check("evaluation", len(metrics) == 9 and all(0 <= a <= 1 for a in accuracies)
+    runs = 1 + (len(study["methods"]) - 1) * len(study["shots"]) * len(study["seeds"])
+    checks.check("evaluation", len(metrics) == runs and all(0 <= a <= 1 for a in accuracies)
                  and (rehearsal or all(d.startswith("cuda") for d in eval_devices)),
-                 f"{len(metrics)} of 9 runs evaluated on {eval_devices}, accuracies "
+                 f"{len(metrics)} of {runs} runs evaluated on {eval_devices}, accuracies "
                  f"{[round(a, 3) for a in accuracies]}")
     report = results / "report" / study["study"] / "report.html"
     checks.check("report", report.is_file() and report.stat().st_size > 1000,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipsvd import architectures, job_resources
+from clipsvd import architectures, config, job_resources
 from clipsvd.errors import ClipsvdError
 from conftest import workflow_env
 
@@ -83,7 +83,10 @@ def test_a_study_that_cannot_fit_the_memory_cap_stops_before_any_job(tmp_path):
     Break it catches: without the check, the workflow would submit jobs capped below their
     need, which the cluster kills for memory after they waited in the queue."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
-    model = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["model"]["name"]
+    study = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    model = study["model"]["name"]
+    # The first adapter of the study is the one named (all of them train at batch 32 here).
+    first = next(m for m in study["methods"] if m in config.ADAPTER_METHODS)
     need = job_resources.estimate_mb("adapt", job_resources.MemoryInputs(
         architectures.describe(model), 32, 2))
     env = {**workflow_env(), "CLIPSVD_SLURM_MAX_MEM_MB": str(int(need) - 100)}
@@ -93,7 +96,7 @@ def test_a_study_that_cannot_fit_the_memory_cap_stops_before_any_job(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("clipsvd:")]
-    assert lines == [f"clipsvd: adapt needs about {need:.0f} MB ({model}, clip_lora.batch_size "
+    assert lines == [f"clipsvd: adapt needs about {need:.0f} MB ({model}, {first}.batch_size "
                      f"32, dataset demo_scans), more than CLIPSVD_SLURM_MAX_MEM_MB="
                      f"{int(need) - 100}: lower the batch size, or raise the cap if the "
                      "cluster's nodes have more memory"], result.stderr[-2000:]
