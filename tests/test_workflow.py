@@ -194,7 +194,11 @@ def test_default_study_report_has_the_dataset_table_and_vector_figures(study):
     assert (totals.loc[["train", "val", "test"], "classes"] == 4).all()
     assert totals.loc["evaluated: few_shot", "images"] == totals.loc["test", "images"]
     pngs = sorted(report.glob("*.png"))
-    assert len(pngs) == 1 + 1 + 5  # accuracy, reliability, a confusion matrix per method
+    methods = yaml.safe_load((study / "config" / "config.yaml").read_text())["methods"]
+    # accuracy, reliability, a confusion matrix per method
+    assert len(pngs) == 1 + 1 + len(methods)
+    assert {p.name for p in pngs if p.name.startswith("confusion_")} == {
+        f"confusion_demo_scans_few_shot_{m}.png" for m in methods}
     assert all(p.with_suffix(".svg").is_file() for p in pngs)
     html = (report / "report.html").read_text()
     assert "<td>seeds</td><td>1, 2</td>" in html and "<td>shots per class (K)</td><td>1, 2, 4</td>" in html
