@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import ARTIFACTS, WebDriver, ensure_chromedriver, ensure_chromium, run_chromium
+from browser import ARTIFACTS, WebDriver, ensure_chromedriver, ensure_chromium
 from clipsvd import config, tracking
 
 

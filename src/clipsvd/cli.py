@@ -202,7 +202,6 @@ def cmd_sync(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    import shutil
     import subprocess
 
     from .tracking import tracking_uri
@@ -215,14 +214,12 @@ def cmd_ui(args) -> None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ClipsvdError(f"{uri.removeprefix('sqlite:///')}: no MLflow store yet; run the "
                            "study (snakemake ... --configfile " + str(args.config) + ") first")
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
-    if mlflow is None:
-        raise ClipsvdError("the `mlflow` command is not installed in this environment; run "
-                           "`python3 dev.py test` once (it makes .venv) or `pip install mlflow`")
     print(f"MLflow UI of study '{cfg.study}': http://{args.host}:{args.port}/ "
           "(Ctrl-C stops it)", flush=True)
-    command = [mlflow, "server", "--app-name", "clipsvd", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    # This interpreter's MLflow: the one whose entry points include clipsvd's app.
+    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "clipsvd",
+               "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+               "--workers", "1"]
     try:
         sys.exit(subprocess.call(command))
     except KeyboardInterrupt:

@@ -472,17 +472,18 @@ def _log_curves(client, experiment_id: str, table: Path) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
+    parents = {run.data.tags[GROUP_KEY]: run for run in client.search_runs(
+        [experiment_id], max_results=50000, filter_string=f"tags.`{GROUP_KEY}` != ''")}
     for (dataset, method, setting), points in sorted(report_curves(table).items()):
-        found = client.search_runs([experiment_id], max_results=1, filter_string=(
-            f"tags.`{GROUP_KEY}` = '{dataset}/{method}/{setting}'"))
-        if not found:
+        found = parents.get(f"{dataset}/{method}/{setting}")
+        if found is None:
             continue
-        parent = found[0].info.run_id
+        parent = found.info.run_id
         logged = {m.step: m.value for m in client.get_metric_history(parent, CURVE_METRIC)}
         if logged == points:
             continue
         if logged:
-            parent = _renew_parent(client, experiment_id, found[0])
+            parent = _renew_parent(client, experiment_id, found)
         client.log_batch(parent, metrics=[Metric(CURVE_METRIC, value, now, shots)
                                           for shots, value in sorted(points.items())])
 

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
