@@ -156,3 +156,42 @@ def test_dataset_settings_and_crop_overrides_are_checked():
     assert str(info.value) == ("s.yaml: key 'settings': no dataset runs 'base_to_novel' (every "
                                "dataset's settings leave it out); remove it here or add it to a "
                                "dataset's settings")
+
+
+def _overlaid(base: dict, overlay: dict) -> dict:
+    """Snakemake's merge of a second --configfile: nested mappings updated key by key."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = (_overlaid(base[key], value) if isinstance(value, dict)
+                       and isinstance(base.get(key), dict) else value)
+    return merged
+
+
+# Known defect (found 2026-12-07, open): these overlays were run before miniature.yaml held the
+# rates the grid chose as per-dataset overrides; a dataset's override now shadows the overlay's
+# method-level lr, so rerun today they would train at the chosen rates. Reproduce them at the
+# commit that ran them (d143b33) until overlays can reach a dataset's override. Strict: the fix
+# makes these pass and must drop this. (Overlays that restate `datasets:` carry their own rates.)
+SHADOWED = {"miniature-grid": {p.stem for p in (ROOT / "config/studies/miniature-grid").glob("*.yaml")}}
+
+
+def _overlays():
+    for path in sorted((ROOT / "config" / "studies").glob("miniature-*/*.yaml")):
+        marks = [pytest.mark.xfail(strict=True, reason="a per-dataset override in "
+                                   "miniature.yaml shadows the overlay's lr")] \
+            if path.stem in SHADOWED.get(path.parent.name, ()) else []
+        yield pytest.param(path, marks=marks, id=f"{path.parent.name}/{path.stem}")
+
+
+@pytest.mark.parametrize("overlay", list(_overlays()))
+def test_each_grid_and_ablation_overlay_is_a_study_of_its_own(overlay):
+    """Each overlay given after miniature.yaml is a valid study under its own name, so its runs
+    never land in (or overwrite) the study's, and it keeps the study's datasets and rates."""
+    base = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    change = yaml.safe_load(overlay.read_text(encoding="utf-8"))
+    cfg = config.from_dict(_overlaid(base, change), str(overlay))
+    assert cfg.study != base["study"] and cfg.study.startswith("miniature-")
+    assert [d.name for d in cfg.datasets] == [d["name"] for d in base["datasets"]]
+    for method in cfg.methods if "datasets" not in change else ():
+        if isinstance(change.get(method), dict) and "lr" in change[method]:
+            assert cfg.training(method, "bloodmnist").lr == pytest.approx(change[method]["lr"])
