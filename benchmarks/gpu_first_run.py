@@ -16,8 +16,8 @@ prints each check as PASS / FAIL / SKIP with the figures it compared:
 6. a tiny study through Snakemake (the demo data and model, the default study's methods,
    K = 1, seeds 1 and 2, interpretation and report) with ``device: cuda`` and
    ``precision: bf16``, and in its results: every GPU job (features, adapt, evaluate,
-   interpret) claimed a GPU slot and computed on the GPU, training ran in bf16 with finite losses, every run was evaluated, the
-   report was built;
+   interpret) claimed a GPU slot and computed on the GPU, training ran in bf16 with finite
+   losses, every run was evaluated, the report was built;
 7. the step benchmark (``benchmarks/adaptation_step.py``, ViT-B/16, batch 32, bf16, every
    method, then fp16 with its gradient scaler for CLIP-SVD), whose table it prints.
 
